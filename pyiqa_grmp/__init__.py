@@ -1,0 +1,12 @@
+"""pyiqa_grmp: GRMP-IQA (few-shot IQA by adapting CLIP, ICCV 2025) as a pyiqa plugin.
+
+Importing the package registers its types with pyiqa and does nothing else (no downloads, no environment
+changes); afterwards ``pyiqa.create_metric('grmp_iqa')`` works like any built-in metric.
+"""
+from .registry import register_all
+
+__version__ = '0.1.0'
+
+register_all()
+
+__all__ = ['__version__', 'register_all']

@@ -1,0 +1,1 @@
+"""GRMP-IQA network modules (import ``pyiqa_grmp.archs.grmp_arch`` for the arch itself)."""

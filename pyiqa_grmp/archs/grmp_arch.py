@@ -1,0 +1,363 @@
+"""GRMP-IQA architecture: open_clip CLIP + deep visual prompts + CoOp text prompts, scored as P("high quality").
+
+Data flow: image (N, C, H, W) in [0, 1] -> :meth:`GRMPIQA.preprocess` (grey to RGB, bicubic resize, centre
+crop, ImageNet normalisation) -> :meth:`GRMPIQA.encode_image` (prompted ViT, L2-normalised CLS) -> cosine
+with the text features of the class prompts -> softmax -> score (N, 1).
+
+Speed: the outputs at the prompt positions are never read (the next block overwrites them, and after the last
+block only CLS is used), so prompts act only as extra keys and values. Those are image-independent in eval mode
+and are computed once, like the text features, and the last block runs the CLS query alone.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
+from .checkpoint import OFFICIAL_PROMPT_BUFFERS, GRMPCheckpoint, mismatch_error, read_grmp_checkpoint
+from .prompts import DeepVisualPrompts, TextPromptLearner
+
+QUALITY_CLASS_NAMES = ('high quality', 'low quality')
+#: The nine fixed scene prompts of the fine-tuning stage ("a photo of a {scene}"; the underscore is kept).
+SCENE_NAMES = ('animal', 'cityscape', 'human', 'indoor', 'landscape', 'night', 'plant', 'still_life', 'others')
+
+BackboneSpec = Union[str, Mapping]
+
+
+def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
+    """Build an open_clip ``CLIP`` from a model name or a config dict, with weights from a tag, a file or none.
+
+    A dict is passed to ``open_clip.model.CLIP`` (``embed_dim``, ``vision_cfg``, ``text_cfg``; ``quick_gelu``
+    defaults to True as for OpenAI weights); with a dict, ``pretrained`` can only be a local file.
+    """
+    import open_clip
+
+    if isinstance(backbone, str):
+        return open_clip.create_model(backbone, pretrained=pretrained)
+    if not isinstance(backbone, Mapping):
+        raise TypeError(f'backbone must be an open_clip model name or a config dict, got {type(backbone).__name__}')
+    config = dict(backbone)
+    config.setdefault('quick_gelu', True)
+    try:
+        model = open_clip.model.CLIP(**config)
+    except TypeError as error:
+        raise ValueError(f'invalid backbone config {config}: {error}') from error
+    if pretrained is not None:
+        if not isinstance(pretrained, str) or not __import__('os').path.isfile(pretrained):
+            raise ValueError(f'with a backbone config dict, backbone_pretrained must be a local file or None, '
+                             f'got {pretrained!r}')
+        open_clip.load_checkpoint(model, pretrained, weights_only=True)
+    return model
+
+
+def _check_backbone(clip: nn.Module) -> None:
+    """Refuse open_clip variants whose computation the prompted forward would not reproduce."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    visual = getattr(clip, 'visual', None)
+    problems = []
+    if not hasattr(clip, 'token_embedding'):
+        problems.append('the text tower must be the plain CLIP one (not CustomTextCLIP / HF text)')
+    if not isinstance(visual, VisionTransformer):
+        problems.append(f'the image tower must be an open_clip VisionTransformer, got {type(visual).__name__}')
+    else:
+        if visual.attn_pool is not None or visual.pool_type != 'tok' or visual.final_ln_after_pool:
+            problems.append('the ViT must pool the CLS token (pool_type "tok", no attentional pool)')
+        if not isinstance(visual.patch_dropout, nn.Identity):
+            problems.append('patch dropout would drop tokens before the prompts are inserted')
+        for block in visual.transformer.resblocks:
+            if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention) \
+                    or block.attn.in_proj_weight is None or block.attn.in_proj_bias is None:
+                problems.append('every vision block must be a standard ResidualAttentionBlock with biased '
+                                'nn.MultiheadAttention')
+                break
+    if getattr(clip, 'text_pool_type', 'argmax') != 'argmax':
+        problems.append('the text tower must pool at the end-of-text token (pool_type "argmax")')
+    if problems:
+        raise ValueError('unsupported backbone for GRMP-IQA: ' + '; '.join(problems))
+
+
+def _tokenizer_for(backbone: BackboneSpec, context_length: int) -> Callable[[Sequence[str]], torch.Tensor]:
+    import open_clip
+
+    if isinstance(backbone, str):
+        return open_clip.get_tokenizer(backbone)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
+class GRMPIQA(nn.Module):
+    """GRMP-IQA (Li et al., ICCV 2025): no-reference quality as P("high quality") from a prompted CLIP.
+
+    Args:
+        backbone: open_clip model name (default OpenAI ViT-B/16 with QuickGELU) or a config dict for
+            ``open_clip.model.CLIP`` (small models for tests and experiments).
+        backbone_pretrained: base CLIP weights (open_clip tag such as ``'openai'``, a local file, or None for
+            random init). Used only when the GRMP checkpoint being loaded does not carry the backbone, or with
+            ``pretrained=False``.
+        num_visual_prompts: learned tokens per vision block (VPT-Deep).
+        n_ctx: learned text context vectors shared by the classes (CoOp).
+        class_names: the quality classes; the score is the probability of the first.
+        scene_names: the scene classes whose logits the fine-tuning stage regularises against.
+        prompt_dropout: dropout on the projected visual prompts in training mode.
+        resize, crop, mean, std, antialias: preprocessing; None takes the weight variant's values.
+        pretrained: load GRMP weights (``pretrained_model_path`` or the ``weights`` variant); False loads none.
+        pretrained_model_path: a checkpoint written by this package (``{'params': ...}``) or an official one.
+        weights: name of the released variant in :data:`pyiqa_grmp.pretrained.WEIGHT_VARIANTS`.
+    """
+
+    def __init__(self,
+                 backbone: BackboneSpec = DEFAULT_BACKBONE,
+                 backbone_pretrained: Optional[str] = 'openai',
+                 num_visual_prompts: int = 100,
+                 n_ctx: int = 4,
+                 class_names: Sequence[str] = QUALITY_CLASS_NAMES,
+                 scene_names: Sequence[str] = SCENE_NAMES,
+                 prompt_dropout: float = 0.1,
+                 resize: Optional[int] = None,
+                 crop: Optional[int] = None,
+                 mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None,
+                 antialias: Optional[bool] = None,
+                 pretrained: bool = True,
+                 pretrained_model_path: Optional[str] = None,
+                 weights: str = DEFAULT_VARIANT) -> None:
+        super().__init__()
+        variant = get_variant(weights)
+        preprocessing = variant.preprocessing
+        self.resize = int(resize if resize is not None else preprocessing.resize)
+        self.crop = int(crop if crop is not None else preprocessing.crop)
+        self.antialias = bool(preprocessing.antialias if antialias is None else antialias)
+        if self.crop > self.resize:
+            raise ValueError(f'crop ({self.crop}) must not exceed resize ({self.resize})')
+        mean = tuple(mean if mean is not None else preprocessing.mean)
+        std = tuple(std if std is not None else preprocessing.std)
+        self.register_buffer('pixel_mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('pixel_std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        checkpoint = None
+        if pretrained:
+            checkpoint = read_grmp_checkpoint(pretrained_model_path or resolve_weights(weights))
+        # A GRMP checkpoint normally carries the whole CLIP; base weights are fetched only when it does not.
+        self.clip = build_clip(backbone, None if pretrained else backbone_pretrained)
+        _check_backbone(self.clip)
+        visual = self.clip.visual
+        if visual.image_size[0] != self.crop or visual.image_size[1] != self.crop:
+            raise ValueError(f'crop ({self.crop}) must equal the backbone input size {tuple(visual.image_size)}')
+        self.visual_prompts = DeepVisualPrompts(
+            depth=len(visual.transformer.resblocks), num_tokens=num_visual_prompts,
+            width=visual.transformer.width, patch_size=visual.patch_size[0], dropout=prompt_dropout)
+        text_width = self.clip.token_embedding.embedding_dim
+        tokenizer = _tokenizer_for(backbone, self.clip.context_length)
+        self.prompt_learner = TextPromptLearner(class_names, n_ctx, text_width, tokenizer)
+        self.scene_names = tuple(scene_names)
+        self.register_buffer('scene_token_ids', tokenizer([f'a photo of a {s}' for s in self.scene_names]),
+                             persistent=False)
+        self._constants: Dict[str, Tuple[tuple, object]] = {}
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint, backbone, backbone_pretrained)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def _load_checkpoint(self, checkpoint: GRMPCheckpoint, backbone: BackboneSpec,
+                         backbone_pretrained: Optional[str]) -> None:
+        """Load strictly; backbone tensors come from base weights only if the checkpoint carries none of them.
+
+        The one tolerated gap is the official pre-training checkpoint, which lacks ``token_embedding.weight``.
+        """
+        expected = self.state_dict()
+        state = dict(checkpoint.state_dict)
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        backbone_keys = [k for k in expected if k.startswith('clip.')]
+        missing_backbone = [k for k in missing if k.startswith('clip.')]
+        fill_from_base = bool(missing_backbone) and (
+            len(missing_backbone) == len(backbone_keys) or missing_backbone == ['clip.token_embedding.weight'])
+        if fill_from_base and not unexpected and len(missing_backbone) == len(missing):
+            if backbone_pretrained is None:
+                raise mismatch_error(checkpoint.path, missing=missing,
+                                     hint='the checkpoint does not carry these backbone weights; pass '
+                                          'backbone_pretrained (an open_clip tag or a local CLIP file)')
+            base = build_clip(backbone, backbone_pretrained).state_dict()
+            state.update({k: base[k[len('clip.'):]] for k in missing_backbone})
+            missing = []
+        if missing or unexpected:
+            raise mismatch_error(checkpoint.path, missing=missing, unexpected=unexpected)
+        shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+                  for k, v in state.items() if v.shape != expected[k].shape]
+        if shapes:
+            raise mismatch_error(checkpoint.path, shapes=shapes)
+        self.load_state_dict(state, strict=True)
+        self._check_prompt_buffers(checkpoint)
+
+    def _check_prompt_buffers(self, checkpoint: GRMPCheckpoint) -> None:
+        """The official token_prefix/suffix must equal our token embeddings of the same prompts."""
+        if not checkpoint.prompt_buffers:
+            return
+        with torch.no_grad():
+            fixed = self.clip.token_embedding(self.prompt_learner.token_ids)
+        n_ctx = self.prompt_learner.n_ctx
+        recomputed = {OFFICIAL_PROMPT_BUFFERS[0]: fixed[:, :1], OFFICIAL_PROMPT_BUFFERS[1]: fixed[:, 1 + n_ctx:]}
+        for key, stored in checkpoint.prompt_buffers.items():
+            ours = recomputed[key]
+            if stored.shape != ours.shape or not torch.allclose(stored.float(), ours.float(), atol=1e-5):
+                raise mismatch_error(checkpoint.path, shapes=[
+                    f'{key}: does not equal the token embeddings of the prompts {self.prompt_learner.class_names} '
+                    f'(checkpoint {tuple(stored.shape)} vs recomputed {tuple(ours.shape)})'],
+                    hint='check class_names and n_ctx against the checkpoint')
+
+    # ---------------------------------------------------------------------------------------- eval constants
+    def train(self, mode: bool = True) -> 'GRMPIQA':
+        self._constants.clear()
+        return super().train(mode)
+
+    def _constant(self, name: str, dependencies: List[nn.Parameter], compute: Callable[[], object]) -> object:
+        """Return ``compute()``, reusing the last value in eval mode while its inputs are unchanged.
+
+        The key holds each dependency's storage, version counter, dtype and device, so an optimiser step,
+        ``load_state_dict``, an in-place edit or a device move all invalidate it; ``train()`` clears it. When
+        gradients are wanted for the dependencies (grad mode on and any requires_grad) nothing is cached.
+        Values are built under ``no_grad`` outside inference mode, so later autograd use cannot break on them.
+        """
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in dependencies)):
+            return compute()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies)
+        hit = self._constants.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self._constants[name] = (key, value)
+        return value
+
+    def _text_dependencies(self) -> List[nn.Parameter]:
+        clip = self.clip
+        modules = (clip.token_embedding, clip.transformer, clip.ln_final)
+        params = [p for m in modules for p in m.parameters()] + [clip.positional_embedding]
+        if isinstance(clip.text_projection, nn.Parameter):
+            params.append(clip.text_projection)
+        elif clip.text_projection is not None:
+            params.extend(clip.text_projection.parameters())
+        return params
+
+    # --------------------------------------------------------------------------------------------- text side
+    def _encode_text_embeddings(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """CLIP's text tower on token embeddings (causal mask, EOT pooling), L2-normalised."""
+        clip = self.clip
+        x = embeddings + clip.positional_embedding.to(embeddings.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
+        if isinstance(clip.text_projection, nn.Linear):
+            x = clip.text_projection(x)
+        elif clip.text_projection is not None:
+            x = x @ clip.text_projection
+        return F.normalize(x, dim=-1)
+
+    def quality_text_features(self) -> torch.Tensor:
+        """Normalised text features (C, E) of the learned quality prompts."""
+        def compute() -> torch.Tensor:
+            embeddings = self.prompt_learner(self.clip.token_embedding)
+            return self._encode_text_embeddings(embeddings, self.prompt_learner.token_ids)
+
+        return self._constant('quality_text', list(self.prompt_learner.parameters()) + self._text_dependencies(),
+                              compute)
+
+    def scene_text_features(self) -> torch.Tensor:
+        """Normalised text features (S, E) of the fixed scene prompts, through this model's text tower."""
+        def compute() -> torch.Tensor:
+            return self._encode_text_embeddings(self.clip.token_embedding(self.scene_token_ids),
+                                                self.scene_token_ids)
+
+        return self._constant('scene_text', self._text_dependencies(), compute)
+
+    # ------------------------------------------------------------------------------------------- image side
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1|3, H, W) in [0, 1], any size -> normalised (N, 3, crop, crop) for the backbone."""
+        if not torch.is_tensor(x):
+            raise TypeError(f'GRMPIQA expects a torch.Tensor, got {type(x).__name__}')
+        if x.ndim != 4:
+            raise ValueError(f'GRMPIQA expects a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}')
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f'GRMPIQA expects 1 (grey) or 3 (RGB) channels, got shape {tuple(x.shape)}')
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f'GRMPIQA got an empty input of shape {tuple(x.shape)}')
+        if not torch.isfinite(x).all():
+            raise ValueError('GRMPIQA input contains NaN or Inf values')
+        x = x.to(self.pixel_mean.dtype)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode='bicubic', align_corners=False,
+                              antialias=self.antialias)
+        top = (self.resize - self.crop) // 2
+        x = x[:, :, top:top + self.crop, top:top + self.crop]
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def _prompt_keys_values(self, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, the keys and values that the prompt tokens contribute to attention."""
+        def compute() -> List[Tuple[torch.Tensor, torch.Tensor]]:
+            keys_values = []
+            for layer, block in enumerate(self.clip.visual.transformer.resblocks):
+                prompts = block.ln_1(self.visual_prompts.tokens(layer, batch_size))
+                width = prompts.shape[-1]
+                kv = F.linear(prompts, block.attn.in_proj_weight[width:], block.attn.in_proj_bias[width:])
+                keys_values.append(tuple(kv.chunk(2, dim=-1)))
+            return keys_values
+
+        dependencies = list(self.visual_prompts.parameters()) + [
+            p for block in self.clip.visual.transformer.resblocks for p in (*block.ln_1.parameters(),
+                                                                             block.attn.in_proj_weight,
+                                                                             block.attn.in_proj_bias)]
+        return self._constant('prompt_kv', dependencies, compute)
+
+    @staticmethod
+    def _prompted_block(block: nn.Module, x: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
+                        cls_only: bool) -> torch.Tensor:
+        """One ViT block over the real tokens, with the prompts as extra keys/values (exactly VPT-Deep)."""
+        attn = block.attn
+        batch, length, width = x.shape
+        heads = attn.num_heads
+        h = block.ln_1(x)
+        if cls_only:
+            q = F.linear(h[:, :1], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+            k, v = F.linear(h, attn.in_proj_weight[width:], attn.in_proj_bias[width:]).chunk(2, dim=-1)
+            x = x[:, :1]
+        else:
+            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        k = torch.cat([k, prompt_k.expand(batch, -1, -1)], dim=1)
+        v = torch.cat([v, prompt_v.expand(batch, -1, -1)], dim=1)
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v))
+        out = out.transpose(1, 2).reshape(batch, q.shape[1], width)
+        x = x + block.ls_1(attn.out_proj(out))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image features (N, E) from a preprocessed batch."""
+        visual = self.clip.visual
+        tokens = visual._embeds(x)
+        keys_values = self._prompt_keys_values(x.shape[0])
+        blocks = visual.transformer.resblocks
+        for layer, block in enumerate(blocks):
+            tokens = self._prompted_block(block, tokens, *keys_values[layer], cls_only=layer == len(blocks) - 1)
+        cls = visual.ln_post(self.visual_prompts.norm(tokens[:, 0]))
+        if visual.proj is not None:
+            cls = cls @ visual.proj
+        return F.normalize(cls, dim=-1)
+
+    # ---------------------------------------------------------------------------------------------- scoring
+    def forward(self, x: torch.Tensor, return_scene_logits: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Quality score (N, 1) in (0, 1), higher is better; with ``return_scene_logits`` also (N, S) logits."""
+        image_features = self.encode_image(self.preprocess(x))
+        scale = self.clip.logit_scale.exp()
+        quality_logits = scale * image_features @ self.quality_text_features().t()
+        score = quality_logits.softmax(dim=-1)[:, :1]
+        if not return_scene_logits:
+            return score
+        return score, scale * image_features @ self.scene_text_features().t()

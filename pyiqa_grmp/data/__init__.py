@@ -1,0 +1,1 @@
+"""Data helpers for pyiqa_grmp: image reading (datasets come with the training issues)."""

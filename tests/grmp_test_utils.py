@@ -1,0 +1,65 @@
+"""Shared helpers for the tests: tiny backbones, bundled photos, checkpoints written on the fly."""
+from typing import Dict
+
+import numpy as np
+import torch
+
+TINY_BACKBONE: Dict = {
+    'embed_dim': 32,
+    'vision_cfg': {'image_size': 224, 'layers': 2, 'width': 64, 'head_width': 32, 'patch_size': 16},
+    'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 32, 'heads': 2, 'layers': 2},
+}
+TINY_NUM_PROMPTS = 5
+
+
+def tiny_model_kwargs(**overrides) -> Dict:
+    """GRMPIQA kwargs for a tiny random model that loads nothing."""
+    kwargs = dict(backbone=TINY_BACKBONE, backbone_pretrained=None, num_visual_prompts=TINY_NUM_PROMPTS,
+                  pretrained=False)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def photo(name: str = 'astronaut') -> np.ndarray:
+    """A bundled scikit-image photo as uint8 HxWx3 (or HxW for grey ones)."""
+    from skimage import data
+
+    return getattr(data, name)()
+
+
+def photo_tensor(name: str = 'astronaut', size=None) -> torch.Tensor:
+    """A bundled photo as a (1, 3, H, W) float tensor in [0, 1]."""
+    array = photo(name)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    if size is not None:
+        tensor = torch.nn.functional.interpolate(tensor, size=size, mode='bilinear', align_corners=False)
+    return tensor.clamp(0, 1)
+
+
+def reference_encode_image(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The straightforward VPT-Deep forward: the full [CLS, prompts, patches] sequence through open_clip blocks.
+
+    Kept as the reference that the fast path (prompt keys/values, CLS-only last block) must equal.
+    """
+    visual = model.clip.visual
+    tokens = visual._embeds(pixels)
+    batch, num_prompts = pixels.shape[0], model.visual_prompts.num_tokens
+    for layer, block in enumerate(visual.transformer.resblocks):
+        prompts = model.visual_prompts.tokens(layer, batch)
+        if prompts.ndim == 2:
+            prompts = prompts.expand(batch, -1, -1)
+        rest = tokens[:, 1:] if layer == 0 else tokens[:, 1 + num_prompts:]
+        tokens = block(torch.cat([tokens[:, :1], prompts, rest], dim=1))
+    cls = visual.ln_post(model.visual_prompts.norm(tokens[:, 0])) @ visual.proj
+    return torch.nn.functional.normalize(cls, dim=-1)
+
+
+def reference_score(model, images: torch.Tensor) -> torch.Tensor:
+    """Score through the reference image path and freshly computed text features."""
+    image_features = reference_encode_image(model, model.preprocess(images))
+    prompts = model.prompt_learner(model.clip.token_embedding)
+    text = model._encode_text_embeddings(prompts, model.prompt_learner.token_ids)
+    logits = model.clip.logit_scale.exp() * image_features @ text.t()
+    return logits.softmax(-1)[:, :1]

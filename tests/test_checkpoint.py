@@ -1,0 +1,178 @@
+"""Checkpoints: official GRMP-IQA state dicts and our own, converted with every tensor accounted for."""
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, tiny_model_kwargs
+from official_grmp_reference import OfficialCustomCLIP, perturb_1d_parameters
+from pyiqa_grmp.archs.checkpoint import CheckpointMismatchError
+from pyiqa_grmp.archs.grmp_arch import GRMPIQA
+
+N_CTX = 4
+
+
+def _official_model(seed: int = 0) -> OfficialCustomCLIP:
+    import open_clip
+
+    torch.manual_seed(seed)
+    token_ids = open_clip.tokenizer.SimpleTokenizer()(['X X X X high quality.', 'X X X X low quality.'])
+    model = OfficialCustomCLIP(TINY_BACKBONE, TINY_NUM_PROMPTS, N_CTX, token_ids)
+    perturb_1d_parameters(model, seed)
+    return model.eval()
+
+
+def _ours_from(path, **overrides) -> GRMPIQA:
+    kwargs = tiny_model_kwargs(pretrained=True, pretrained_model_path=str(path))
+    kwargs.update(overrides)
+    return GRMPIQA(**kwargs).eval()
+
+
+WRAPPERS = {
+    'bare': lambda sd: sd,
+    'module_prefix': lambda sd: {f'module.{k}': v for k, v in sd.items()},
+    'nested_state_dict_with_metadata': lambda sd: {'state_dict': sd, 'epoch': 3},
+    'nested_model_with_prefix': lambda sd: {'model': {f'module.{k}': v for k, v in sd.items()}},
+    'nested_params': lambda sd: {'params': sd},
+}
+
+
+@pytest.mark.parametrize('wrapper', sorted(WRAPPERS))
+def test_official_checkpoint_scores_like_the_official_model(tmp_path, wrapper):
+    official = _official_model()
+    state = official.state_dict()
+    assert len(state) == len(set(state))
+    path = tmp_path / 'official.pt'
+    torch.save(WRAPPERS[wrapper](state), path)
+    ours = _ours_from(path)
+    stored_244 = torch.rand(3, 3, 244, 244)
+    official_input = (stored_244[:, :, 10:234, 10:234] - ours.pixel_mean) / ours.pixel_std
+    with torch.no_grad():
+        assert torch.allclose(ours.encode_image(ours.preprocess(stored_244)),
+                              official.image_features(official_input), atol=1e-5)
+        assert torch.allclose(ours(stored_244).flatten(), official(official_input), atol=1e-5)
+
+
+def test_official_keys_are_all_accounted_for(tmp_path):
+    official = _official_model()
+    path = tmp_path / 'official.pt'
+    torch.save(official.state_dict(), path)
+    ours = _ours_from(path)
+    # 6 VPT + ctx + 2 prompt buffers on the official side; the two prompt sets are stacked in ours and the
+    # buffers are derived, so ours has exactly 3 keys fewer, all of them learned tensors.
+    assert len(official.state_dict()) - len(ours.state_dict()) == 3
+    for key, value in official.state_dict().items():
+        if key.startswith('text_encoder.'):
+            assert torch.equal(ours.state_dict()['clip.' + key[len('text_encoder.'):]], value)
+
+
+def test_official_pretrain_checkpoint_without_token_embedding_needs_base_weights(tmp_path):
+    official = _official_model()
+    state = {k: v for k, v in official.state_dict().items() if k != 'text_encoder.token_embedding.weight'}
+    path = tmp_path / 'best_prompt.pt'
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match='clip.token_embedding.weight'):
+        _ours_from(path)
+    # With the base CLIP it came from, the token embedding is filled in and the scores match.
+    base = make_tiny_model().clip.state_dict()
+    base['token_embedding.weight'] = official.text_encoder.token_embedding.weight.detach().clone()
+    base_path = tmp_path / 'base_clip.pt'
+    torch.save(base, base_path)
+    ours = _ours_from(path, backbone_pretrained=str(base_path))
+    image = torch.rand(1, 3, 244, 244)
+    official_input = (image[:, :, 10:234, 10:234] - ours.pixel_mean) / ours.pixel_std
+    with torch.no_grad():
+        assert torch.allclose(ours(image).flatten(), official(official_input), atol=1e-5)
+
+
+def test_official_prompt_buffers_must_match_the_class_prompts(tmp_path):
+    path = tmp_path / 'official.pt'
+    torch.save(_official_model().state_dict(), path)
+    with pytest.raises(CheckpointMismatchError, match='token_prefix|token_suffix'):
+        _ours_from(path, class_names=('good photo', 'bad photo'))
+
+
+def test_unknown_official_key_is_reported(tmp_path):
+    state = _official_model().state_dict()
+    state['prompt_learner3.ctx'] = torch.zeros(4, 32)
+    path = tmp_path / 'official.pt'
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match='prompt_learner3.ctx'):
+        _ours_from(path)
+
+
+def test_own_checkpoint_loads_identically(tiny_checkpoint):
+    expected = make_tiny_model(seed=3)
+    loaded = _ours_from(tiny_checkpoint)
+    images = torch.rand(2, 3, 200, 200)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), expected(images))
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = make_tiny_model().state_dict()
+    state.pop('prompt_learner.ctx')
+    state['visual_prompts.extra'] = torch.zeros(1)
+    path = tmp_path / 'broken.pth'
+    torch.save({'params': state}, path)
+    with pytest.raises(CheckpointMismatchError) as error:
+        _ours_from(path)
+    assert 'missing keys (1): prompt_learner.ctx' in str(error.value)
+    assert 'unexpected keys (1): visual_prompts.extra' in str(error.value)
+
+
+def test_shape_mismatch_is_named(tiny_checkpoint):
+    with pytest.raises(CheckpointMismatchError, match=r'visual_prompts.embeddings: checkpoint \(2, 5, 64\)'):
+        _ours_from(tiny_checkpoint, num_visual_prompts=7)
+
+
+def test_partial_backbone_is_refused_not_filled(tmp_path):
+    state = make_tiny_model().state_dict()
+    state.pop('clip.visual.ln_post.weight')
+    path = tmp_path / 'partial.pth'
+    torch.save({'params': state}, path)
+    with pytest.raises(CheckpointMismatchError, match='clip.visual.ln_post.weight'):
+        _ours_from(path, backbone_pretrained='openai')
+
+
+def test_prompt_only_checkpoint_takes_the_backbone_from_base_weights(tmp_path):
+    model = make_tiny_model(seed=5)
+    prompts = {k: v for k, v in model.state_dict().items() if not k.startswith('clip.')}
+    prompt_path, base_path = tmp_path / 'prompts.pth', tmp_path / 'clip.pt'
+    torch.save({'params': prompts}, prompt_path)
+    torch.save(model.clip.state_dict(), base_path)
+    loaded = _ours_from(prompt_path, backbone_pretrained=str(base_path))
+    images = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_corrupt_file_fails_naming_the_path(tmp_path):
+    path = tmp_path / 'corrupt.pth'
+    path.write_bytes(b'this is not a checkpoint')
+    with pytest.raises(CheckpointMismatchError, match='could not read GRMP-IQA checkpoint .*corrupt.pth'):
+        _ours_from(path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / 'pickle.pth'
+    torch.save({'params': make_tiny_model().state_dict(), 'opt': copy.copy(object())}, path)
+    with pytest.raises(CheckpointMismatchError, match='could not read'):
+        _ours_from(path)
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        _ours_from(tmp_path / 'nowhere.pth')
+
+
+def test_pretrained_false_loads_nothing(monkeypatch):
+    import pyiqa_grmp.archs.grmp_arch as arch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError('no checkpoint may be read with pretrained=False')
+
+    monkeypatch.setattr(arch, 'read_grmp_checkpoint', forbidden)
+    monkeypatch.setattr(arch, 'resolve_weights', forbidden)
+    GRMPIQA(**tiny_model_kwargs())
