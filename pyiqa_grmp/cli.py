@@ -18,6 +18,9 @@ import torch
 
 from .data.image_io import ImageReadError, list_images, read_image
 
+#: Pixels (per channel) read before a chunk of images is scored, whatever the batch size.
+MAX_CHUNK_PIXELS = 48_000_000
+
 
 @dataclass
 class ScoreReport:
@@ -137,23 +140,37 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
         metrics[name] = metric
 
     bar = tqdm(total=len(scorable), disable=not progress, desc='scoring', unit='img', file=sys.stderr)
-    for start in range(0, len(scorable), batch_size):
-        groups: Dict[tuple, List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]]] = OrderedDict()
-        for path in scorable[start:start + batch_size]:
-            try:
-                image = read_image(path)
-                reference = read_image(report.refs[path]) if ref else None
-            except ImageReadError as error:
-                report.add_error('*', path, str(error))
-                continue
-            key = (tuple(image.shape), None if reference is None else tuple(reference.shape))
-            groups.setdefault(key, []).append((path, image, reference))
-        for group in groups.values():
-            for name, metric in metrics.items():
-                _score_group(name, metric, group, report)
-        bar.update(len(scorable[start:start + batch_size]))
+    chunk: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]] = []
+    chunk_pixels = read_since_flush = 0
+    for index, path in enumerate(scorable):
+        read_since_flush += 1
+        try:
+            image = read_image(path)
+            reference = read_image(report.refs[path]) if ref else None
+            chunk.append((path, image, reference))
+            chunk_pixels += image[0].numel()
+        except ImageReadError as error:
+            report.add_error('*', path, str(error))
+        # A chunk holds at most batch_size images and about MAX_CHUNK_PIXELS pixels, so memory stays bounded
+        # whatever the image sizes.
+        if len(chunk) == batch_size or chunk_pixels >= MAX_CHUNK_PIXELS or index == len(scorable) - 1:
+            _score_chunk(chunk, metrics, report)
+            bar.update(read_since_flush)
+            chunk, chunk_pixels, read_since_flush = [], 0, 0
     bar.close()
     return report
+
+
+def _score_chunk(chunk, metrics, report: ScoreReport) -> None:
+    """Score images of equal size together (pyiqa metrics take one tensor per call)."""
+    groups: Dict[tuple, list] = OrderedDict()
+    for item in chunk:
+        _, image, reference = item
+        key = (tuple(image.shape), None if reference is None else tuple(reference.shape))
+        groups.setdefault(key, []).append(item)
+    for group in groups.values():
+        for name, metric in metrics.items():
+            _score_group(name, metric, group, report)
 
 
 def _score_group(name: str, metric, group, report: ScoreReport) -> None:
