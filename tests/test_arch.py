@@ -42,6 +42,31 @@ def test_preprocess_resizes_bicubic_without_keeping_aspect(tiny_model):
     assert torch.allclose(tiny_model.preprocess(image), expected, atol=1e-6)
 
 
+def test_training_crop_is_a_random_window_of_the_resize_possibly_flipped(tiny_model):
+    torch.manual_seed(0)
+    stored = torch.rand(16, 3, 244, 244)
+    crops = tiny_model.preprocess(stored, random_crop=True) * tiny_model.pixel_std + tiny_model.pixel_mean
+    assert crops.shape == (16, 3, 224, 224)
+    offsets, flipped = set(), 0
+    for image, crop in zip(stored, crops):
+        windows = image.unfold(1, 224, 1).unfold(2, 224, 1)  # (3, 21, 21, 224, 224)
+        for candidate, was_flipped in ((crop, False), (crop.flip(-1), True)):
+            match = ((windows - candidate[:, None, None]).abs().amax(dim=(0, 3, 4)) < 1e-5).nonzero()
+            if len(match):
+                offsets.add(tuple(match[0].tolist()))
+                flipped += was_flipped
+                break
+        else:
+            raise AssertionError('crop is not a window of the resized image')
+    assert len(offsets) > 1 and 0 < flipped < 16
+
+
+def test_eval_mode_never_augments(tiny_model):
+    images = torch.rand(2, 3, 244, 244)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(images), tiny_model(images))
+
+
 def test_preprocess_uses_imagenet_statistics(tiny_model):
     assert torch.allclose(tiny_model.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert torch.allclose(tiny_model.pixel_std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
@@ -56,7 +81,7 @@ def test_fast_path_equals_reference_scores(tiny_model):
 
 
 def test_fast_path_equals_reference_gradients_in_training_mode():
-    model = make_tiny_model(prompt_dropout=0.0).train()
+    model = make_tiny_model(prompt_dropout=0.0, augment=False).train()
     images = torch.rand(2, 3, 244, 244)
     target = torch.tensor([[0.2], [0.9]])
 

@@ -27,6 +27,13 @@ SCENE_NAMES = ('animal', 'cityscape', 'human', 'indoor', 'landscape', 'night', '
 BackboneSpec = Union[str, Mapping]
 
 
+def square_resize(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """Bicubic resize of (N, C, H, W) to size x size, aspect ratio not kept (as the official data preparation)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode='bicubic', align_corners=False, antialias=antialias)
+
+
 def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
     """Build an open_clip ``CLIP`` from a model name or a config dict, with weights from a tag, a file or none.
 
@@ -103,6 +110,7 @@ class GRMPIQA(nn.Module):
         scene_names: the scene classes whose logits the fine-tuning stage regularises against.
         prompt_dropout: dropout on the projected visual prompts in training mode.
         resize, crop, mean, std, antialias: preprocessing; None takes the weight variant's values.
+        augment: in training mode, crop at random and flip (the official fine-tuning augmentation).
         pretrained: load GRMP weights (``pretrained_model_path`` or the ``weights`` variant); False loads none.
         pretrained_model_path: a checkpoint written by this package (``{'params': ...}``) or an official one.
         weights: name of the released variant in :data:`pyiqa_grmp.pretrained.WEIGHT_VARIANTS`.
@@ -121,6 +129,7 @@ class GRMPIQA(nn.Module):
                  mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None,
                  antialias: Optional[bool] = None,
+                 augment: bool = True,
                  pretrained: bool = True,
                  pretrained_model_path: Optional[str] = None,
                  weights: str = DEFAULT_VARIANT) -> None:
@@ -130,6 +139,7 @@ class GRMPIQA(nn.Module):
         self.resize = int(resize if resize is not None else preprocessing.resize)
         self.crop = int(crop if crop is not None else preprocessing.crop)
         self.antialias = bool(preprocessing.antialias if antialias is None else antialias)
+        self.augment = augment
         if self.crop > self.resize:
             raise ValueError(f'crop ({self.crop}) must not exceed resize ({self.resize})')
         mean = tuple(mean if mean is not None else preprocessing.mean)
@@ -156,16 +166,21 @@ class GRMPIQA(nn.Module):
         self.register_buffer('scene_token_ids', tokenizer([f'a photo of a {s}' for s in self.scene_names]),
                              persistent=False)
         self._constants: Dict[str, Tuple[tuple, object]] = {}
+        self._backbone, self._backbone_pretrained = backbone, backbone_pretrained
         if checkpoint is not None:
-            self._load_checkpoint(checkpoint, backbone, backbone_pretrained)
+            self._load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------------------------------------ loading
-    def _load_checkpoint(self, checkpoint: GRMPCheckpoint, backbone: BackboneSpec,
-                         backbone_pretrained: Optional[str]) -> None:
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint of ours or an official one (converted), strictly, failing loudly on any mismatch."""
+        self._load_checkpoint(read_grmp_checkpoint(path))
+
+    def _load_checkpoint(self, checkpoint: GRMPCheckpoint) -> None:
         """Load strictly; backbone tensors come from base weights only if the checkpoint carries none of them.
 
         The one tolerated gap is the official pre-training checkpoint, which lacks ``token_embedding.weight``.
         """
+        backbone, backbone_pretrained = self._backbone, self._backbone_pretrained
         expected = self.state_dict()
         state = dict(checkpoint.state_dict)
         missing = [k for k in expected if k not in state]
@@ -273,8 +288,12 @@ class GRMPIQA(nn.Module):
         return self._constant('scene_text', self._text_dependencies(), compute)
 
     # ------------------------------------------------------------------------------------------- image side
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1|3, H, W) in [0, 1], any size -> normalised (N, 3, crop, crop) for the backbone."""
+    def preprocess(self, x: torch.Tensor, random_crop: bool = False) -> torch.Tensor:
+        """(N, 1|3, H, W) in [0, 1], any size -> normalised (N, 3, crop, crop) for the backbone.
+
+        The centre crop is the official test path; ``random_crop`` (training) crops at a random offset and flips
+        horizontally with probability 0.5, per sample.
+        """
         if not torch.is_tensor(x):
             raise TypeError(f'GRMPIQA expects a torch.Tensor, got {type(x).__name__}')
         if x.ndim != 4:
@@ -288,12 +307,24 @@ class GRMPIQA(nn.Module):
         x = x.to(self.pixel_mean.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.resize, self.resize):
-            x = F.interpolate(x, size=(self.resize, self.resize), mode='bicubic', align_corners=False,
-                              antialias=self.antialias)
-        top = (self.resize - self.crop) // 2
-        x = x[:, :, top:top + self.crop, top:top + self.crop]
+        x = square_resize(x, self.resize, self.antialias)
+        if random_crop:
+            x = self._random_crop_and_flip(x)
+        else:
+            top = (self.resize - self.crop) // 2
+            x = x[:, :, top:top + self.crop, top:top + self.crop]
         return (x - self.pixel_mean) / self.pixel_std
+
+    def _random_crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Training augmentation of the official code, drawn per sample: a random crop and a horizontal flip."""
+        span = self.resize - self.crop + 1
+        offsets = torch.randint(0, span, (x.shape[0], 2)).tolist()
+        flips = (torch.rand(x.shape[0]) < 0.5).tolist()
+        crops = []
+        for image, (top, left), flip in zip(x, offsets, flips):
+            crop = image[:, top:top + self.crop, left:left + self.crop]
+            crops.append(crop.flip(-1) if flip else crop)
+        return torch.stack(crops)
 
     def _prompt_keys_values(self, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per block, the keys and values that the prompt tokens contribute to attention."""
@@ -353,8 +384,17 @@ class GRMPIQA(nn.Module):
     # ---------------------------------------------------------------------------------------------- scoring
     def forward(self, x: torch.Tensor, return_scene_logits: bool = False
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Quality score (N, 1) in (0, 1), higher is better; with ``return_scene_logits`` also (N, S) logits."""
-        image_features = self.encode_image(self.preprocess(x))
+        """Quality score (N, 1) in (0, 1), higher is better; with ``return_scene_logits`` also (N, S) logits.
+
+        In training mode (with ``augment``) the crop is random and flipped, as in the official fine-tuning.
+        """
+        return self.score_pixels(self.preprocess(x, random_crop=self.training and self.augment),
+                                 return_scene_logits)
+
+    def score_pixels(self, pixels: torch.Tensor, return_scene_logits: bool = False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` on an already preprocessed batch (so a teacher can see the very same crops)."""
+        image_features = self.encode_image(pixels)
         scale = self.clip.logit_scale.exp()
         quality_logits = scale * image_features @ self.quality_text_features().t()
         score = quality_logits.softmax(dim=-1)[:, :1]
