@@ -3,10 +3,11 @@
 Importing the package registers its types with pyiqa and does nothing else (no downloads, no environment
 changes); afterwards ``pyiqa.create_metric('grmp_iqa')`` works like any built-in metric.
 """
+from .gradreg import regularize_gradients
 from .registry import register_all
 
 __version__ = '0.1.0'
 
 register_all()
 
-__all__ = ['__version__', 'register_all']
+__all__ = ['__version__', 'register_all', 'regularize_gradients']

@@ -1,4 +1,4 @@
-"""``pyiqa-grmp``: score images with GRMP-IQA and any pyiqa metric, and list the metrics.
+"""``pyiqa-grmp``: score images with GRMP-IQA and any pyiqa metric, list metrics, train, run the protocol.
 
 pyiqa's own ``pyiqa`` command never loads plugins; this one imports ``pyiqa_grmp`` first, so ``grmp_iqa``
 and every built-in metric are available side by side.
@@ -244,6 +244,31 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    argv = ['-opt', args.opt, *(['--auto_resume'] if args.auto_resume else []),
+            *(['--debug'] if args.debug else []), *(['--force_yml', *args.force_yml] if args.force_yml else [])]
+    train(argv)
+    return 0
+
+
+def _cmd_protocol(args: argparse.Namespace) -> int:
+    from .train import run_protocol
+
+    run_protocol(['-opt', args.opt, *(['--force_yml', *args.force_yml] if args.force_yml else [])],
+                 runs=args.runs, select=args.select, out_dir=args.out)
+    return 0
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_synthetic_dataset
+
+    meta = make_synthetic_dataset(args.out_dir, seed=args.seed, size=args.size)
+    print(f'wrote {meta}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='pyiqa-grmp', description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
@@ -264,6 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser('list', help='list all metric names, GRMP-IQA included')
     listing.add_argument('--mode', choices=['NR', 'FR'], help='only no-reference or full-reference metrics')
     listing.set_defaults(handler=_cmd_list)
+
+    training = commands.add_parser(
+        'train', help="pyiqa's train_pipeline with GRMP-IQA loaded (experiments under the current directory)")
+    training.add_argument('-opt', required=True, help='training YAML')
+    training.add_argument('--auto_resume', action='store_true', help='resume from the latest training state')
+    training.add_argument('--debug', action='store_true', help="pyiqa's debug mode (a few iterations)")
+    training.add_argument('--force_yml', nargs='+', help='pyiqa-style option overrides, KEY:SUB=VALUE')
+    training.set_defaults(handler=_cmd_train)
+
+    protocol = commands.add_parser('protocol', help="the paper's repeated random-split few-shot protocol")
+    protocol.add_argument('-opt', required=True, help='a fine-tuning YAML with FewShotNRDataset datasets')
+    protocol.add_argument('--runs', type=int, default=10)
+    protocol.add_argument('--select', choices=['val', 'test'], default='val',
+                          help='choose each run\'s checkpoint on the validation carve-out (default) or, as the '
+                               'official code, on the test split (optimistic)')
+    protocol.add_argument('--force_yml', nargs='+', help='pyiqa-style option overrides, KEY:SUB=VALUE')
+    protocol.add_argument('--out', help='folder for protocol.csv / protocol.md (default experiments/NAME_protocol)')
+    protocol.set_defaults(handler=_cmd_protocol)
+
+    synthetic = commands.add_parser('make-synthetic', help='write a small labelled IQA dataset from bundled photos')
+    synthetic.add_argument('out_dir')
+    synthetic.add_argument('--seed', type=int, default=0)
+    synthetic.add_argument('--size', type=int, default=256)
+    synthetic.set_defaults(handler=_cmd_make_synthetic)
     return parser
 
 

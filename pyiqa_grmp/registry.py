@@ -13,6 +13,10 @@ from .pretrained import WEIGHT_VARIANTS
 #: pyiqa registry -> {registered name: 'module:attribute'}.
 LAZY_TYPES: Dict[str, Dict[str, str]] = {
     'arch': {'GRMPIQA': 'pyiqa_grmp.archs.grmp_arch:GRMPIQA'},
+    'loss': {'GRMPQualityLoss': 'pyiqa_grmp.losses.grmp_losses:GRMPQualityLoss',
+             'GRMPSceneLoss': 'pyiqa_grmp.losses.grmp_losses:GRMPSceneLoss'},
+    'model': {'GRMPFinetuneModel': 'pyiqa_grmp.models.finetune_model:GRMPFinetuneModel'},
+    'dataset': {'FewShotNRDataset': 'pyiqa_grmp.data.fewshot_dataset:FewShotNRDataset'},
 }
 
 
@@ -26,10 +30,8 @@ def _register_lazily(registry, name: str, import_path: str) -> None:
 def register_archs() -> None:
     """Register the GRMPIQA arch and the ``grmp_iqa`` metric entries of ``pyiqa.DEFAULT_CONFIGS``."""
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
-    from pyiqa.utils.registry import ARCH_REGISTRY
 
-    for name, import_path in LAZY_TYPES['arch'].items():
-        _register_lazily(ARCH_REGISTRY, name, import_path)
+    _register_group('arch')
     for variant in WEIGHT_VARIANTS.values():
         # setdefault: never overwrite an entry that pyiqa itself may ship one day.
         DEFAULT_CONFIGS.setdefault(variant.metric_name, {
@@ -40,6 +42,32 @@ def register_archs() -> None:
         })
 
 
+def _register_group(group: str) -> None:
+    from pyiqa.utils import registry as pyiqa_registry
+
+    target = getattr(pyiqa_registry, f'{group.upper()}_REGISTRY')
+    for name, import_path in LAZY_TYPES[group].items():
+        _register_lazily(target, name, import_path)
+
+
+def register_losses() -> None:
+    """Register GRMPQualityLoss and GRMPSceneLoss in pyiqa's LOSS_REGISTRY."""
+    _register_group('loss')
+
+
+def register_models() -> None:
+    """Register the training models in pyiqa's MODEL_REGISTRY."""
+    _register_group('model')
+
+
+def register_datasets() -> None:
+    """Register the datasets in pyiqa's DATASET_REGISTRY."""
+    _register_group('dataset')
+
+
 def register_all() -> None:
     """Register every pyiqa_grmp type with pyiqa."""
     register_archs()
+    register_losses()
+    register_models()
+    register_datasets()

@@ -1,0 +1,296 @@
+"""Few-shot fine-tuning of GRMP-IQA with quality-aware gradient regularization, as a pyiqa model.
+
+One training step: one student forward gives the quality probability and the scene logits; the quality loss
+gives g_d and the scene-consistency loss against a frozen teacher gives g_g (two ``autograd.grad`` calls on the
+same graph); :func:`~pyiqa_grmp.gradreg.regularize_gradients` combines them tensor by tensor; SGD steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pyiqa.losses import build_loss
+from pyiqa.metrics import calculate_metric
+from pyiqa.models.general_iqa_model import GeneralIQAModel
+from pyiqa.utils import get_root_logger
+from torch import nn
+
+from ..archs.grmp_arch import GRMPIQA
+from ..gradreg import MODES, regularize_gradients
+
+#: Trainable by default, as the official fine-tuning: the text context, the last 4 blocks of both encoders, and
+#: the final LayerNorms of both. Visual prompts stay frozen but are used (with their dropout).
+DEFAULT_TRAINABLE = {'last_blocks': 4, 'names': ['prompt_learner.ctx', 'clip.visual.ln_post', 'clip.ln_final']}
+DEFAULT_GRAD_REG = {'lam': 5.0, 'mode': 'official', 'temperature': 1.0}
+#: The official schedule: lr x0.3 after 6 evaluations (30 epochs) without a new best, not before iteration 10,
+#: stop once lr < 5e-7.
+DEFAULT_LR_PLATEAU = {'factor': 0.3, 'patience': 6, 'min_iter': 10, 'min_lr': 5e-7}
+
+
+class TrainingConfigError(ValueError):
+    """A training option is invalid; raised while building the model, before any training step."""
+
+
+class SceneTeacher(nn.Module):
+    """The frozen zero-shot teacher: the initial CLIP image tower, no prompts, against the nine scene prompts.
+
+    Built from the student's weights as loaded, before any fine-tuning step (official: plain OpenAI CLIP; the
+    same weights whenever fine-tuning starts from a meta-pretrained checkpoint, whose CLIP is frozen). It lives
+    outside the student, so it is never saved in checkpoints.
+    """
+
+    def __init__(self, student: GRMPIQA) -> None:
+        super().__init__()
+        self.visual = copy.deepcopy(student.clip.visual).requires_grad_(False).eval()
+        with torch.no_grad():
+            embeddings = student.clip.token_embedding(student.scene_token_ids)
+            text = student._encode_text_embeddings(embeddings, student.scene_token_ids)
+        self.register_buffer('scene_text', text.detach().clone())
+        self.register_buffer('logit_scale', student.clip.logit_scale.detach().exp().clone())
+
+    def train(self, mode: bool = True) -> 'SceneTeacher':
+        return super().train(False)  # always frozen, dropout-free
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(self.visual(pixels.to(self.scene_text.dtype)), dim=-1)
+        return self.logit_scale * features @ self.scene_text.t()
+
+
+def _plain(value):
+    """Nested dicts with numpy scalars -> builtin types, so ``torch.load(weights_only=True)`` can read them."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def _merged(defaults: dict, given: Optional[dict], what: str) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TrainingConfigError(f'unknown option(s) {unknown} in train.{what}; known: {sorted(defaults)}')
+    return {**defaults, **given}
+
+
+class GRMPFinetuneModel(GeneralIQAModel):
+    """pyiqa model for GRMP-IQA few-shot fine-tuning (``model_type: GRMPFinetuneModel``).
+
+    YAML (under ``train``): ``trainable: {last_blocks, names}``, ``grad_reg: {lam, mode, temperature}``,
+    ``lr_plateau: {factor, patience, min_iter, min_lr}``, ``amp: null | bf16 | fp16``, the usual ``optim``
+    (SGD lr 1e-3, weight decay 1e-4 in the paper configs) and an optional pyiqa ``scheduler``. Under ``val``,
+    ``select_by`` lists the metrics whose sum picks ``net_best.pth`` (default ``[key_metric]``; the official
+    code uses ``[srcc, plcc]``).
+    """
+
+    def __init__(self, opt: dict) -> None:
+        train_opt = opt.get('train') or {}
+        self.trainable_opt = _merged(DEFAULT_TRAINABLE, train_opt.get('trainable'), 'trainable')
+        self.grad_reg = _merged(DEFAULT_GRAD_REG, train_opt.get('grad_reg'), 'grad_reg')
+        self.lr_plateau = _merged(DEFAULT_LR_PLATEAU, train_opt.get('lr_plateau'), 'lr_plateau')
+        self.amp = train_opt.get('amp')
+        if self.grad_reg['mode'] not in MODES:
+            raise TrainingConfigError(f'train.grad_reg.mode must be one of {MODES}, got {self.grad_reg["mode"]!r}')
+        if self.amp not in (None, 'bf16', 'fp16'):
+            raise TrainingConfigError(f'train.amp must be null, bf16 or fp16, got {self.amp!r}')
+        if opt['network'].get('type') != 'GRMPIQA':
+            raise TrainingConfigError(f'GRMPFinetuneModel needs network type GRMPIQA, got {opt["network"].get("type")}')
+        super().__init__(opt)
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str = 'params') -> None:
+        """Load ours or an official checkpoint (converted), always strictly; pyiqa's loader knows neither."""
+        get_root_logger().info(f'Loading GRMP-IQA weights from {load_path}')
+        self.get_bare_model(net).load_checkpoint(load_path)
+
+    def init_training_settings(self) -> None:
+        train_opt = self.opt['train']
+        net = self.get_bare_model(self.net)
+        self.trainable_params = self._set_trainable(net)
+        net.train()
+        self.teacher = SceneTeacher(net).to(self.device)
+        self.cri_quality = build_loss(dict(train_opt.get('quality_loss_opt') or {'type': 'GRMPQualityLoss'}))
+        self.cri_quality = self.cri_quality.to(self.device)
+        self.cri_scene = build_loss({'type': 'GRMPSceneLoss', 'temperature': self.grad_reg['temperature']})
+        self.setup_optimizers()
+        self.setup_schedulers()
+        use_scaler = self.amp == 'fp16'
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler) if use_scaler else None
+        self.plateau_state = {'best': -math.inf, 'bad_evals': 0, 'stopped': False, 'validated_since_stop': False}
+        select_by = self.opt.get('val', {}).get('select_by') or [self.opt.get('val', {}).get('key_metric', 'srcc')]
+        metrics = self.opt.get('val', {}).get('metrics') or {}
+        unknown = [m for m in select_by if m not in metrics]
+        if metrics and unknown:
+            raise TrainingConfigError(f'val.select_by names {unknown}, which are not in val.metrics {list(metrics)}')
+        self.select_by = list(select_by)
+
+    def _set_trainable(self, net: GRMPIQA) -> List[nn.Parameter]:
+        last = int(self.trainable_opt['last_blocks'])
+        visual_depth = len(net.clip.visual.transformer.resblocks)
+        text_depth = len(net.clip.transformer.resblocks)
+        prefixes = list(self.trainable_opt['names'] or [])
+        prefixes += [f'clip.visual.transformer.resblocks.{i}.' for i in range(max(0, visual_depth - last), visual_depth)]
+        prefixes += [f'clip.transformer.resblocks.{i}.' for i in range(max(0, text_depth - last), text_depth)]
+        names = [n for n, _ in net.named_parameters()]
+        unmatched = [p for p in self.trainable_opt['names'] or [] if not any(n.startswith(p) for n in names)]
+        if unmatched:
+            raise TrainingConfigError(f'train.trainable.names {unmatched} match no parameter of the network')
+        trainable = []
+        for name, param in net.named_parameters():
+            param.requires_grad_(any(name.startswith(p) for p in prefixes))
+            if param.requires_grad:
+                trainable.append(param)
+        if not trainable:
+            raise TrainingConfigError('train.trainable selects no parameter')
+        count = sum(p.numel() for p in trainable)
+        get_root_logger().info(f'GRMP fine-tuning: {len(trainable)} trainable tensors, {count:,} parameters')
+        return trainable
+
+    def setup_optimizers(self) -> None:
+        self.opt['train']['optim'] = dict(self.opt['train']['optim'])
+        super().setup_optimizers()
+
+    def setup_schedulers(self, scheduler_name: str = 'scheduler') -> None:
+        """A pyiqa scheduler is optional here: the official schedule is the plateau rule run at validation."""
+        if self.opt['train'].get(scheduler_name):
+            super().setup_schedulers(scheduler_name)
+
+    # ---------------------------------------------------------------------------------------- training
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == 'bf16' else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        if self.plateau_state['stopped']:
+            return  # finished by the plateau rule: the remaining iterations of pyiqa's loop do nothing
+        net = self.get_bare_model(self.net)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            pixels = net.preprocess(self.img_input, random_crop=net.augment)
+            score, scene_logits = net.score_pixels(pixels, return_scene_logits=True)
+            teacher_logits = self.teacher(pixels)
+        l_quality = self.cri_quality(score, self.gt_mos)
+        l_scene = self.cri_scene(scene_logits, teacher_logits)
+        params = self.trainable_params
+        need_semantic = self.grad_reg['mode'] != 'none' and self.grad_reg['lam'] != 0
+        if self.scaler is not None:
+            l_quality_scaled, l_scene_scaled = self.scaler.scale(l_quality), self.scaler.scale(l_scene)
+            scale = self.scaler.get_scale()
+        else:
+            l_quality_scaled, l_scene_scaled, scale = l_quality, l_scene, 1.0
+        g_d = torch.autograd.grad(l_quality_scaled, params, retain_graph=need_semantic, allow_unused=True)
+        g_g = (torch.autograd.grad(l_scene_scaled, params, allow_unused=True) if need_semantic
+               else [None] * len(params))
+        if self.scaler is not None:
+            # fp16: unscale both before projecting. The scaler unscales g_d (held in .grad) and records overflow;
+            # an overflowing g_g only gives no direction this step.
+            for param, grad in zip(params, g_d):
+                param.grad = grad
+            self.scaler.unscale_(self.optimizer)
+            g_d = [param.grad for param in params]
+            g_g = [None if g is None else g / scale for g in g_g]
+            if not all(g is None or bool(torch.isfinite(g).all()) for g in g_g):
+                get_root_logger().warning(f'iter {current_iter}: semantic gradient overflowed in fp16; not projected')
+                g_g = [None] * len(params)
+        grads = regularize_gradients(g_d, g_g, lam=self.grad_reg['lam'], mode=self.grad_reg['mode'])
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped by the scaler when g_d overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        self.output_score = score.detach().float()
+        self.log_dict = self.reduce_loss_dict(OrderedDict(l_quality=l_quality.detach(), l_scene=l_scene.detach()))
+        predicted = self.output_score.squeeze(1).cpu().numpy()
+        labels = self.gt_mos.squeeze(1).cpu().numpy()
+        for name, metric_opt in (self.opt.get('val', {}).get('metrics') or {}).items():
+            self.log_dict[f'train_metrics/{name}'] = calculate_metric([predicted, labels], metric_opt)
+
+    # -------------------------------------------------------------------------------------- validation
+    def predict(self, dataloader) -> Dict[str, np.ndarray]:
+        """Scores and labels of a whole loader, in eval mode."""
+        net = self.get_bare_model(self.net)
+        net.eval()
+        predicted, labels = [], []
+        with torch.no_grad():
+            for batch in dataloader:
+                predicted.append(net(batch['img'].to(self.device)).float().cpu())
+                labels.append(batch['mos_label'].float())
+        net.train()
+        return {'pred': torch.cat(predicted).squeeze(1).numpy(), 'mos': torch.cat(labels).squeeze(1).numpy()}
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        state = self.plateau_state
+        if state['stopped'] and state['validated_since_stop']:
+            return  # nothing changed since the last validation
+        dataset_name = dataloader.dataset.opt['name']
+        self._initialize_best_metric_results(dataset_name)
+        result = self.predict(dataloader)
+        self.metric_results = {name: calculate_metric([result['pred'], result['mos']], metric_opt)
+                               for name, metric_opt in self.opt['val']['metrics'].items()}
+        monitor = float(sum(self.metric_results[m] for m in self.select_by))
+        if monitor > state['best']:
+            state['best'], state['bad_evals'] = monitor, 0
+            for name, value in self.metric_results.items():
+                self._update_metric_result(dataset_name, name, value, current_iter)
+            self.save_network(self.net, 'net_best')
+        else:
+            state['bad_evals'] += 1
+            self._apply_plateau_rule(current_iter)
+        if state['stopped']:
+            state['validated_since_stop'] = True
+        self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+
+    def _apply_plateau_rule(self, current_iter: int) -> None:
+        rule, state = self.lr_plateau, self.plateau_state
+        if state['bad_evals'] < rule['patience'] or current_iter <= rule['min_iter']:
+            return
+        state['bad_evals'] = 0
+        for group in self.optimizer.param_groups:
+            group['lr'] *= rule['factor']
+        lr = max(group['lr'] for group in self.optimizer.param_groups)
+        get_root_logger().info(f'iter {current_iter}: no new best in {rule["patience"]} evaluations, lr -> {lr:.3g}')
+        if lr < rule['min_lr']:
+            state['stopped'] = True
+            get_root_logger().info(f'iter {current_iter}: lr {lr:.3g} < {rule["min_lr"]:.3g}, training finished; '
+                                   'the remaining iterations of the loop are skipped')
+
+    # ------------------------------------------------------------------------------------------ resume
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        """pyiqa's state (optimizer, schedulers) plus the plateau rule and best results; weights are in
+        ``models/net_<iter>.pth``, saved alongside by :meth:`save`."""
+        if current_iter == -1:
+            return
+        super().save_training_state(epoch, current_iter)
+        path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
+        if os.path.isfile(path):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            state['grmp'] = _plain({'plateau': self.plateau_state,
+                                    'best_metric_results': getattr(self, 'best_metric_results', {})})
+            torch.save(state, path)
+
+    def resume_training(self, resume_state: dict) -> None:
+        """Restore the network weights too (pyiqa restores only optimizers and schedulers)."""
+        weights = os.path.join(self.opt['path']['models'], f'net_{resume_state["iter"]}.pth')
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f'cannot resume: network weights {weights} of iteration {resume_state["iter"]} '
+                                    'are missing')
+        self.get_bare_model(self.net).load_checkpoint(weights)
+        super().resume_training(resume_state)
+        extra = resume_state.get('grmp', {})
+        self.plateau_state.update(extra.get('plateau', {}))
+        if extra.get('best_metric_results'):
+            self.best_metric_results = extra['best_metric_results']
+            self.key_metric = self.opt.get('val', {}).get('key_metric')

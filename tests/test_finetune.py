@@ -1,0 +1,189 @@
+"""GRMPFinetuneModel: one step, the teacher, resume, and an end-to-end smoke run through `pyiqa-grmp train`."""
+import copy
+import os
+from pathlib import Path
+
+import pyiqa
+import pytest
+import torch
+import yaml
+from pyiqa.archs import build_network
+from pyiqa.models import build_model
+from pyiqa.utils import set_random_seed
+from pyiqa.utils.options import make_paths
+
+from pyiqa_grmp.cli import main
+from pyiqa_grmp.data.synthetic import make_synthetic_dataset
+from pyiqa_grmp.models.finetune_model import TrainingConfigError
+from pyiqa_grmp.train import evaluate_checkpoint, load_resume_state_anywhere
+
+CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    """A working directory with the synthetic dataset where the smoke config expects it."""
+    root = tmp_path_factory.mktemp('work')
+    make_synthetic_dataset(str(root / 'datasets' / 'synthetic'), seed=0, size=128)
+    return root
+
+
+def _options(workdir, **train_overrides):
+    opt = yaml.safe_load(CONFIG.read_text())
+    for dataset in opt['datasets'].values():
+        dataset['dataroot_target'] = str(workdir / 'datasets' / 'synthetic')
+        dataset['meta_info_file'] = str(workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv')
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    opt['train'].update(train_overrides)
+    make_paths(opt, str(workdir / 'unit'))
+    os.makedirs(opt['path']['models'], exist_ok=True)
+    os.makedirs(opt['path']['training_states'], exist_ok=True)
+    return opt
+
+
+def _batch(opt):
+    from pyiqa.data import build_dataset
+
+    dataset = build_dataset(copy.deepcopy(opt['datasets']['train']))
+    items = [dataset[i] for i in range(8)]
+    return {'img': torch.stack([i['img'] for i in items]), 'mos_label': torch.stack([i['mos_label'] for i in items]),
+            'img_path': [i['img_path'] for i in items]}
+
+
+def test_one_step_changes_exactly_the_trainable_parameters(workdir):
+    opt = _options(workdir, trainable={'last_blocks': 1, 'names': ['prompt_learner.ctx', 'clip.visual.ln_post',
+                                                                    'clip.ln_final']},
+                   grad_reg={'lam': 5.0, 'mode': 'official', 'temperature': 1.0}, optim={'type': 'SGD', 'lr': 0.1})
+    model = build_model(opt)
+    net = model.get_bare_model(model.net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    teacher_before = {n: t.detach().clone() for n, t in model.teacher.state_dict().items()}
+    model.feed_data(_batch(opt))
+    model.optimize_parameters(1)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if n.startswith(('prompt_learner.ctx', 'clip.visual.ln_post', 'clip.ln_final',
+                                                            'clip.visual.transformer.resblocks.1.',
+                                                            'clip.transformer.resblocks.1.'))}
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    assert all(torch.equal(t, teacher_before[n]) for n, t in model.teacher.state_dict().items())
+
+
+def test_teacher_is_not_part_of_the_network_checkpoint(workdir):
+    model = build_model(_options(workdir))
+    keys = model.get_bare_model(model.net).state_dict().keys()
+    assert not any('teacher' in k for k in keys)
+    assert 'teacher' not in dict(model.get_bare_model(model.net).named_modules())
+
+
+def test_projection_uses_one_forward(workdir, monkeypatch):
+    model = build_model(_options(workdir))
+    net = model.get_bare_model(model.net)
+    calls = []
+    original = net.encode_image
+    monkeypatch.setattr(net, 'encode_image', lambda x: calls.append(1) or original(x))
+    model.feed_data(_batch(_options(workdir)))
+    model.optimize_parameters(1)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_mixed_precision_step_updates_without_nan(workdir, amp):
+    model = build_model(_options(workdir, amp=amp))
+    net = model.get_bare_model(model.net)
+    before = net.prompt_learner.ctx.detach().clone()
+    model.feed_data(_batch(_options(workdir)))
+    model.optimize_parameters(1)
+    assert torch.isfinite(net.prompt_learner.ctx).all()
+    assert not torch.equal(net.prompt_learner.ctx, before)
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'grad_reg': {'mode': 'pcgrad'}}, 'grad_reg.mode'),
+    ({'grad_reg': {'lambda': 5}}, 'unknown option'),
+    ({'trainable': {'names': ['no.such.param']}}, 'match no parameter'),
+    ({'amp': 'fp8'}, 'amp'),
+])
+def test_malformed_training_options_fail_before_training(workdir, override, message):
+    with pytest.raises(TrainingConfigError, match=message):
+        build_model(_options(workdir, **override))
+
+
+def test_resume_restores_weights_optimizer_and_schedule(workdir):
+    opt = _options(workdir)
+    model = build_model(opt)
+    model.feed_data(_batch(opt))
+    for it in range(1, 4):
+        model.optimize_parameters(it)
+    model.plateau_state['bad_evals'] = 2
+    model.save(epoch=0, current_iter=3)
+    resumed = build_model(_options(workdir))
+    state = load_resume_state_anywhere({'auto_resume': True, 'path': dict(opt['path'])})
+    resumed.resume_training(state)
+    saved_net, new_net = model.get_bare_model(model.net), resumed.get_bare_model(resumed.net)
+    assert all(torch.equal(a, b) for a, b in zip(saved_net.state_dict().values(), new_net.state_dict().values()))
+    assert str(resumed.optimizer.state_dict()) == str(model.optimizer.state_dict())
+    assert resumed.plateau_state['bad_evals'] == 2
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope='module')
+def smoke_run(workdir):
+    """`pyiqa-grmp train -opt configs/smoke/finetune_synthetic.yml` in the working directory (about a minute)."""
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(['train', '-opt', str(CONFIG)]) == 0
+    finally:
+        os.chdir(cwd)
+    opt = yaml.safe_load(CONFIG.read_text())
+    experiment = workdir / 'experiments' / opt['name']
+    test_opt = dict(opt['datasets']['train'], phase='test', name='synthetic_test',
+                    dataroot_target=str(workdir / 'datasets' / 'synthetic'),
+                    meta_info_file=str(workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv'))
+    return {'opt': opt, 'experiment': experiment, 'test_opt': test_opt}
+
+
+def test_smoke_finetuning_beats_the_untrained_model_on_the_test_split(smoke_run, tmp_path):
+    opt = smoke_run['opt']
+    set_random_seed(opt['manual_seed'])  # the untrained network of the run: same seed, same construction
+    untrained = build_network(copy.deepcopy(opt['network']))
+    untrained_path = tmp_path / 'untrained.pth'
+    torch.save({'params': untrained.state_dict()}, untrained_path)
+    before = evaluate_checkpoint(opt['network'], str(untrained_path), smoke_run['test_opt'])
+    after = evaluate_checkpoint(opt['network'], str(smoke_run['experiment'] / 'models' / 'net_best.pth'),
+                                smoke_run['test_opt'])
+    print(f'test split ({after["num_test"]} images): SRCC untrained {before["srcc"]:.3f} -> fine-tuned '
+          f'{after["srcc"]:.3f}; PLCC {before["plcc"]:.3f} -> {after["plcc"]:.3f}')
+    assert after['srcc'] > before['srcc'] + 0.2
+    assert after['srcc'] > 0.35
+
+
+def test_smoke_checkpoint_loads_through_create_metric(smoke_run):
+    opt = smoke_run['opt']
+    best = str(smoke_run['experiment'] / 'models' / 'net_best.pth')
+    network = {k: v for k, v in opt['network'].items() if k not in ('type', 'pretrained')}
+    metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=best, **network)
+    reference = build_network(dict(opt['network'], pretrained=True, pretrained_model_path=best)).eval()
+    images = torch.rand(2, 3, 122, 122)
+    with torch.no_grad():
+        assert torch.equal(metric(images), reference(images))
+
+
+def test_auto_resume_restores_the_network_on_cpu(smoke_run, workdir):
+    models = smoke_run['experiment'] / 'models'
+    latest_state = max(int(p.stem) for p in (smoke_run['experiment'] / 'training_states').glob('*.state'))
+    os.remove(models / 'net_latest.pth')
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(['train', '-opt', str(CONFIG), '--auto_resume']) == 0
+    finally:
+        os.chdir(cwd)
+    # Nothing is left to train after the last state, so the saved latest network must be the restored one.
+    resumed = torch.load(models / 'net_latest.pth', weights_only=True)['params']
+    saved = torch.load(models / f'net_{latest_state}.pth', weights_only=True)['params']
+    assert resumed.keys() == saved.keys()
+    assert all(torch.equal(resumed[k], saved[k]) for k in saved)
