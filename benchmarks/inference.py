@@ -11,48 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
+from common import measure
+
 from pyiqa_grmp.archs.grmp_arch import GRMPIQA
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as handle:
-            handle.write('5')
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kib(field: str) -> int:
-    with open('/proc/self/status') as handle:
-        for line in handle:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    return 0
-
-
-def _measure(fn: Callable[[], object], device: torch.device) -> Dict[str, float]:
-    """Seconds and peak memory (MiB above what was resident before the call) of one call."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        can_reset = _reset_peak_rss()
-        base = _rss_kib('VmRSS')
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (_rss_kib('VmHWM') - base) / 1024 if can_reset else float('nan')
-    return {'seconds': time.perf_counter() - start, 'peak_mib': peak}
 
 
 def main() -> None:
@@ -84,7 +49,7 @@ def main() -> None:
                 fn()
         for _ in range(args.runs):
             for name, fn in candidates.items():
-                results[name].append(_measure(fn, device))
+                results[name].append(measure(fn, device))
 
     print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine}) '
           f'backbone={args.backbone} batch={args.batch} threads={args.threads} runs={args.runs} '

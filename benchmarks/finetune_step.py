@@ -1,0 +1,99 @@
+"""Fine-tuning step of GRMPFinetuneModel against a straightforward two-forward, two-backward implementation.
+
+Both apply the same rule (quality gradient projected against the scene gradient, official mode, lambda 5) to
+the same model, batch and trainable parameters; the straightforward one runs the student twice and calls
+``backward`` once per loss (what a direct port of the official training loop does), ours runs one forward and
+two ``autograd.grad`` calls on the same graph. Interleaved, median of several steps; random weights.
+
+    python benchmarks/finetune_step.py [--backbone ViT-B-16-quickgelu] [--batch 16] [--runs 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+
+import torch
+from common import measure
+from pyiqa.models import build_model
+
+import pyiqa_grmp  # noqa: F401
+from pyiqa_grmp import regularize_gradients
+
+
+def _options(backbone: str, workdir: str, device: str) -> dict:
+    return {
+        'name': 'bench', 'model_type': 'GRMPFinetuneModel', 'num_gpu': 1 if device == 'cuda' else 0,
+        'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'manual_seed': 0,
+        'network': {'type': 'GRMPIQA', 'pretrained': False, 'backbone': backbone, 'backbone_pretrained': None},
+        'path': {'models': workdir, 'training_states': workdir, 'pretrain_network': None},
+        'train': {'optim': {'type': 'SGD', 'lr': 1e-3, 'weight_decay': 1e-4},
+                  'grad_reg': {'lam': 5.0, 'mode': 'official', 'temperature': 1.0}},
+        'val': {'key_metric': 'srcc', 'metrics': {'srcc': {'type': 'calculate_srcc'}}},
+    }
+
+
+def straightforward_step(model, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Two forwards, two backwards: g_d from one, g_g from the other, then the same projection and step."""
+    net, params = model.get_bare_model(model.net), model.trainable_params
+    pixels = net.preprocess(images, random_crop=True)
+    teacher_logits = model.teacher(pixels)
+    model.optimizer.zero_grad(set_to_none=True)
+    score, _ = net.score_pixels(pixels, return_scene_logits=True)
+    model.cri_quality(score, labels).backward()
+    g_d = [None if p.grad is None else p.grad.clone() for p in params]
+    model.optimizer.zero_grad(set_to_none=True)
+    _, scene_logits = net.score_pixels(pixels, return_scene_logits=True)
+    model.cri_scene(scene_logits, teacher_logits).backward()
+    g_g = [None if p.grad is None else p.grad.clone() for p in params]
+    for param, grad in zip(params, regularize_gradients(g_d, g_g, lam=5.0, mode='official')):
+        param.grad = grad
+    model.optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        model = build_model(_options(args.backbone, workdir, args.device))
+    baseline = copy.copy(model)  # same network, optimizer and teacher: both variants update the same weights
+    images = torch.rand(args.batch, 3, 244, 244, device=device)
+    labels = torch.rand(args.batch, 1, device=device)
+    model.feed_data({'img': images, 'mos_label': labels})
+
+    candidates = {
+        'two forwards + two backwards': lambda: straightforward_step(baseline, images, labels),
+        'GRMPFinetuneModel (one forward)': lambda: model.optimize_parameters(1),
+    }
+    for fn in candidates.values():  # warm-up
+        fn()
+    results = {name: [] for name in candidates}
+    for _ in range(args.runs):
+        for name, fn in candidates.items():
+            results[name].append(measure(fn, device))
+
+    trainable = sum(p.numel() for p in model.trainable_params)
+    print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine}) '
+          f'backbone={args.backbone} batch={args.batch} threads={args.threads} runs={args.runs} '
+          f'trainable={trainable:,} torch={torch.__version__}')
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = statistics.median(r['seconds'] for r in runs)
+        print(f'{name:<34} median {medians[name]:7.2f} s/step  peak +{max(r["peak_mib"] for r in runs):8.1f} MiB')
+    base, ours = list(candidates)
+    print(f'ratio GRMPFinetuneModel / straightforward: {medians[ours] / medians[base]:.3f}  (target <= 0.75)')
+
+
+if __name__ == '__main__':
+    main()
