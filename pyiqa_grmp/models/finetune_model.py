@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import List
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pyiqa.losses import build_loss
 from pyiqa.metrics import calculate_metric
-from pyiqa.models.general_iqa_model import GeneralIQAModel
 from pyiqa.utils import get_root_logger
 from torch import nn
 
 from ..archs.grmp_arch import GRMPIQA
 from ..gradreg import MODES, regularize_gradients
+from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
 #: Trainable by default, as the official fine-tuning: the text context, the last 4 blocks of both encoders, and
 #: the final LayerNorms of both. Visual prompts stay frozen but are used (with their dropout).
@@ -32,10 +29,6 @@ DEFAULT_GRAD_REG = {'lam': 5.0, 'mode': 'official', 'temperature': 1.0}
 #: The official schedule: lr x0.3 after 6 evaluations (30 epochs) without a new best, not before iteration 10,
 #: stop once lr < 5e-7.
 DEFAULT_LR_PLATEAU = {'factor': 0.3, 'patience': 6, 'min_iter': 10, 'min_lr': 5e-7}
-
-
-class TrainingConfigError(ValueError):
-    """A training option is invalid; raised while building the model, before any training step."""
 
 
 class SceneTeacher(nn.Module):
@@ -64,24 +57,7 @@ class SceneTeacher(nn.Module):
         return self.logit_scale * features @ self.scene_text.t()
 
 
-def _plain(value):
-    """Nested dicts with numpy scalars -> builtin types, so ``torch.load(weights_only=True)`` can read them."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-    return value
-
-
-def _merged(defaults: dict, given: Optional[dict], what: str) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise TrainingConfigError(f'unknown option(s) {unknown} in train.{what}; known: {sorted(defaults)}')
-    return {**defaults, **given}
-
-
-class GRMPFinetuneModel(GeneralIQAModel):
+class GRMPFinetuneModel(GRMPBaseModel):
     """pyiqa model for GRMP-IQA few-shot fine-tuning (``model_type: GRMPFinetuneModel``).
 
     YAML (under ``train``): ``trainable: {last_blocks, names}``, ``grad_reg: {lam, mode, temperature}``,
@@ -93,23 +69,17 @@ class GRMPFinetuneModel(GeneralIQAModel):
 
     def __init__(self, opt: dict) -> None:
         train_opt = opt.get('train') or {}
-        self.trainable_opt = _merged(DEFAULT_TRAINABLE, train_opt.get('trainable'), 'trainable')
-        self.grad_reg = _merged(DEFAULT_GRAD_REG, train_opt.get('grad_reg'), 'grad_reg')
-        self.lr_plateau = _merged(DEFAULT_LR_PLATEAU, train_opt.get('lr_plateau'), 'lr_plateau')
+        self.trainable_opt = merged_options(DEFAULT_TRAINABLE, train_opt.get('trainable'), 'trainable')
+        self.grad_reg = merged_options(DEFAULT_GRAD_REG, train_opt.get('grad_reg'), 'grad_reg')
+        self.lr_plateau = merged_options(DEFAULT_LR_PLATEAU, train_opt.get('lr_plateau'), 'lr_plateau')
         self.amp = train_opt.get('amp')
         if self.grad_reg['mode'] not in MODES:
             raise TrainingConfigError(f'train.grad_reg.mode must be one of {MODES}, got {self.grad_reg["mode"]!r}')
         if self.amp not in (None, 'bf16', 'fp16'):
             raise TrainingConfigError(f'train.amp must be null, bf16 or fp16, got {self.amp!r}')
-        if opt['network'].get('type') != 'GRMPIQA':
-            raise TrainingConfigError(f'GRMPFinetuneModel needs network type GRMPIQA, got {opt["network"].get("type")}')
         super().__init__(opt)
 
     # ----------------------------------------------------------------------------------------- set-up
-    def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str = 'params') -> None:
-        """Load ours or an official checkpoint (converted), always strictly; pyiqa's loader knows neither."""
-        get_root_logger().info(f'Loading GRMP-IQA weights from {load_path}')
-        self.get_bare_model(net).load_checkpoint(load_path)
 
     def init_training_settings(self) -> None:
         train_opt = self.opt['train']
@@ -124,13 +94,7 @@ class GRMPFinetuneModel(GeneralIQAModel):
         self.setup_schedulers()
         use_scaler = self.amp == 'fp16'
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler) if use_scaler else None
-        self.plateau_state = {'best': -math.inf, 'bad_evals': 0, 'stopped': False, 'validated_since_stop': False}
-        select_by = self.opt.get('val', {}).get('select_by') or [self.opt.get('val', {}).get('key_metric', 'srcc')]
-        metrics = self.opt.get('val', {}).get('metrics') or {}
-        unknown = [m for m in select_by if m not in metrics]
-        if metrics and unknown:
-            raise TrainingConfigError(f'val.select_by names {unknown}, which are not in val.metrics {list(metrics)}')
-        self.select_by = list(select_by)
+        self.plateau_state = {'bad_evals': 0, 'stopped': False, 'validated_since_stop': False}
 
     def _set_trainable(self, net: GRMPIQA) -> List[nn.Parameter]:
         last = int(self.trainable_opt['last_blocks'])
@@ -157,11 +121,6 @@ class GRMPFinetuneModel(GeneralIQAModel):
     def setup_optimizers(self) -> None:
         self.opt['train']['optim'] = dict(self.opt['train']['optim'])
         super().setup_optimizers()
-
-    def setup_schedulers(self, scheduler_name: str = 'scheduler') -> None:
-        """A pyiqa scheduler is optional here: the official schedule is the plateau rule run at validation."""
-        if self.opt['train'].get(scheduler_name):
-            super().setup_schedulers(scheduler_name)
 
     # ---------------------------------------------------------------------------------------- training
     def _autocast(self):
@@ -219,39 +178,17 @@ class GRMPFinetuneModel(GeneralIQAModel):
             self.log_dict[f'train_metrics/{name}'] = calculate_metric([predicted, labels], metric_opt)
 
     # -------------------------------------------------------------------------------------- validation
-    def predict(self, dataloader) -> Dict[str, np.ndarray]:
-        """Scores and labels of a whole loader, in eval mode."""
-        net = self.get_bare_model(self.net)
-        net.eval()
-        predicted, labels = [], []
-        with torch.no_grad():
-            for batch in dataloader:
-                predicted.append(net(batch['img'].to(self.device)).float().cpu())
-                labels.append(batch['mos_label'].float())
-        net.train()
-        return {'pred': torch.cat(predicted).squeeze(1).numpy(), 'mos': torch.cat(labels).squeeze(1).numpy()}
-
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         state = self.plateau_state
         if state['stopped'] and state['validated_since_stop']:
             return  # nothing changed since the last validation
-        dataset_name = dataloader.dataset.opt['name']
-        self._initialize_best_metric_results(dataset_name)
-        result = self.predict(dataloader)
-        self.metric_results = {name: calculate_metric([result['pred'], result['mos']], metric_opt)
-                               for name, metric_opt in self.opt['val']['metrics'].items()}
-        monitor = float(sum(self.metric_results[m] for m in self.select_by))
-        if monitor > state['best']:
-            state['best'], state['bad_evals'] = monitor, 0
-            for name, value in self.metric_results.items():
-                self._update_metric_result(dataset_name, name, value, current_iter)
-            self.save_network(self.net, 'net_best')
+        if self.validate_and_select(dataloader, current_iter, tb_logger):
+            state['bad_evals'] = 0
         else:
             state['bad_evals'] += 1
             self._apply_plateau_rule(current_iter)
         if state['stopped']:
             state['validated_since_stop'] = True
-        self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
 
     def _apply_plateau_rule(self, current_iter: int) -> None:
         rule, state = self.lr_plateau, self.plateau_state
@@ -268,29 +205,8 @@ class GRMPFinetuneModel(GeneralIQAModel):
                                    'the remaining iterations of the loop are skipped')
 
     # ------------------------------------------------------------------------------------------ resume
-    def save_training_state(self, epoch: int, current_iter: int) -> None:
-        """pyiqa's state (optimizer, schedulers) plus the plateau rule and best results; weights are in
-        ``models/net_<iter>.pth``, saved alongside by :meth:`save`."""
-        if current_iter == -1:
-            return
-        super().save_training_state(epoch, current_iter)
-        path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
-        if os.path.isfile(path):
-            state = torch.load(path, map_location='cpu', weights_only=True)
-            state['grmp'] = _plain({'plateau': self.plateau_state,
-                                    'best_metric_results': getattr(self, 'best_metric_results', {})})
-            torch.save(state, path)
+    def extra_training_state(self) -> dict:
+        return {'plateau': dict(self.plateau_state)}
 
-    def resume_training(self, resume_state: dict) -> None:
-        """Restore the network weights too (pyiqa restores only optimizers and schedulers)."""
-        weights = os.path.join(self.opt['path']['models'], f'net_{resume_state["iter"]}.pth')
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f'cannot resume: network weights {weights} of iteration {resume_state["iter"]} '
-                                    'are missing')
-        self.get_bare_model(self.net).load_checkpoint(weights)
-        super().resume_training(resume_state)
-        extra = resume_state.get('grmp', {})
-        self.plateau_state.update(extra.get('plateau', {}))
-        if extra.get('best_metric_results'):
-            self.best_metric_results = extra['best_metric_results']
-            self.key_metric = self.opt.get('val', {}).get('key_metric')
+    def restore_extra_training_state(self, state: dict) -> None:
+        self.plateau_state.update(state.get('plateau', {}))

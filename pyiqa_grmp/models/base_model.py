@@ -1,0 +1,130 @@
+"""What both GRMP-IQA training models share on top of pyiqa's GeneralIQAModel: checkpoint loading (ours and
+official), whole-loader prediction, checkpoint selection on the sum of validation metrics, and a resume that
+restores the network weights and each model's own state."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from pyiqa.metrics import calculate_metric
+from pyiqa.models.general_iqa_model import GeneralIQAModel
+from pyiqa.utils import get_root_logger
+from torch import nn
+
+
+class TrainingConfigError(ValueError):
+    """A training option is invalid; raised while building the model, before any training step."""
+
+
+def plain(value):
+    """Nested dicts with numpy scalars -> builtin types, so ``torch.load(weights_only=True)`` can read them."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def merged_options(defaults: dict, given: Optional[dict], what: str) -> dict:
+    """``defaults`` updated with ``given``; unknown keys are a config error naming them."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise TrainingConfigError(f'unknown option(s) {unknown} in train.{what}; known: {sorted(defaults)}')
+    return {**defaults, **given}
+
+
+class GRMPBaseModel(GeneralIQAModel):
+    """Base of the GRMP-IQA training models (not registered itself)."""
+
+    def __init__(self, opt: dict) -> None:
+        if opt['network'].get('type') != 'GRMPIQA':
+            raise TrainingConfigError(f'{type(self).__name__} needs network type GRMPIQA, '
+                                      f'got {opt["network"].get("type")}')
+        val_opt = opt.get('val') or {}
+        self.select_by = list(val_opt.get('select_by') or [val_opt.get('key_metric', 'srcc')])
+        unknown = [m for m in self.select_by if m not in (val_opt.get('metrics') or {})]
+        if val_opt.get('metrics') and unknown:
+            raise TrainingConfigError(f'val.select_by names {unknown}, which are not in val.metrics '
+                                      f'{list(val_opt["metrics"])}')
+        self.best_monitor = -math.inf
+        super().__init__(opt)
+
+    def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str = 'params') -> None:
+        """Load ours or an official checkpoint (converted), always strictly; pyiqa's loader knows neither."""
+        get_root_logger().info(f'Loading GRMP-IQA weights from {load_path}')
+        self.get_bare_model(net).load_checkpoint(load_path)
+
+    def setup_schedulers(self, scheduler_name: str = 'scheduler') -> None:
+        """A pyiqa scheduler is optional for these models."""
+        if self.opt['train'].get(scheduler_name):
+            super().setup_schedulers(scheduler_name)
+
+    def predict(self, dataloader) -> Dict[str, np.ndarray]:
+        """Scores and labels of a whole loader, in eval mode."""
+        net = self.get_bare_model(self.net)
+        net.eval()
+        predicted, labels = [], []
+        with torch.no_grad():
+            for batch in dataloader:
+                predicted.append(net(batch['img'].to(self.device)).float().cpu())
+                labels.append(batch['mos_label'].float())
+        net.train()
+        return {'pred': torch.cat(predicted).squeeze(1).numpy(), 'mos': torch.cat(labels).squeeze(1).numpy()}
+
+    def validate_and_select(self, dataloader, current_iter: int, tb_logger) -> bool:
+        """Compute ``val.metrics``; save ``net_best.pth`` when the sum of ``select_by`` beats the best so far."""
+        dataset_name = dataloader.dataset.opt['name']
+        self._initialize_best_metric_results(dataset_name)
+        result = self.predict(dataloader)
+        self.metric_results = {name: calculate_metric([result['pred'], result['mos']], metric_opt)
+                               for name, metric_opt in self.opt['val']['metrics'].items()}
+        monitor = float(sum(self.metric_results[m] for m in self.select_by))
+        improved = monitor > self.best_monitor
+        if improved:
+            self.best_monitor = monitor
+            for name, value in self.metric_results.items():
+                self._update_metric_result(dataset_name, name, value, current_iter)
+            self.save_network(self.net, 'net_best')
+        self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        return improved
+
+    # ------------------------------------------------------------------------------------------ resume
+    def extra_training_state(self) -> dict:
+        """Model-specific state to resume with (builtin types and tensors only)."""
+        return {}
+
+    def restore_extra_training_state(self, state: dict) -> None:
+        """Inverse of :meth:`extra_training_state`."""
+
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        """pyiqa's state (optimizer, schedulers) plus best results and the model's own state; weights are in
+        ``models/net_<iter>.pth``, saved alongside by :meth:`save`."""
+        if current_iter == -1:
+            return
+        super().save_training_state(epoch, current_iter)
+        path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
+        if os.path.isfile(path):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            state['grmp'] = plain({'best_monitor': self.best_monitor,
+                                   'best_metric_results': getattr(self, 'best_metric_results', {}),
+                                   'model': self.extra_training_state()})
+            torch.save(state, path)
+
+    def resume_training(self, resume_state: dict) -> None:
+        """Restore the network weights too (pyiqa restores only optimizers and schedulers)."""
+        weights = os.path.join(self.opt['path']['models'], f'net_{resume_state["iter"]}.pth')
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f'cannot resume: network weights {weights} of iteration {resume_state["iter"]} '
+                                    'are missing')
+        self.get_bare_model(self.net).load_checkpoint(weights)
+        super().resume_training(resume_state)
+        extra = resume_state.get('grmp', {})
+        self.best_monitor = extra.get('best_monitor', self.best_monitor)
+        if extra.get('best_metric_results'):
+            self.best_metric_results = extra['best_metric_results']
+            self.key_metric = self.opt.get('val', {}).get('key_metric')
+        self.restore_extra_training_state(extra.get('model', {}))
