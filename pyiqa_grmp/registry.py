@@ -15,8 +15,10 @@ LAZY_TYPES: Dict[str, Dict[str, str]] = {
     'arch': {'GRMPIQA': 'pyiqa_grmp.archs.grmp_arch:GRMPIQA'},
     'loss': {'GRMPQualityLoss': 'pyiqa_grmp.losses.grmp_losses:GRMPQualityLoss',
              'GRMPSceneLoss': 'pyiqa_grmp.losses.grmp_losses:GRMPSceneLoss'},
-    'model': {'GRMPFinetuneModel': 'pyiqa_grmp.models.finetune_model:GRMPFinetuneModel'},
-    'dataset': {'FewShotNRDataset': 'pyiqa_grmp.data.fewshot_dataset:FewShotNRDataset'},
+    'model': {'GRMPFinetuneModel': 'pyiqa_grmp.models.finetune_model:GRMPFinetuneModel',
+              'GRMPMetaPromptModel': 'pyiqa_grmp.models.meta_model:GRMPMetaPromptModel'},
+    'dataset': {'FewShotNRDataset': 'pyiqa_grmp.data.fewshot_dataset:FewShotNRDataset',
+                'DistortionTaskDataset': 'pyiqa_grmp.data.task_dataset:DistortionTaskDataset'},
 }
 
 

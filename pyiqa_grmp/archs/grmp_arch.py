@@ -34,6 +34,19 @@ def square_resize(images: torch.Tensor, size: int, antialias: bool = False) -> t
     return F.interpolate(images, size=(size, size), mode='bicubic', align_corners=False, antialias=antialias)
 
 
+def random_crop_and_flip(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Per sample: a random size x size crop and a horizontal flip with probability 0.5 (training augmentation)."""
+    height, width = images.shape[-2:]
+    tops = torch.randint(0, height - size + 1, (images.shape[0],)).tolist()
+    lefts = torch.randint(0, width - size + 1, (images.shape[0],)).tolist()
+    flips = (torch.rand(images.shape[0]) < 0.5).tolist()
+    crops = []
+    for image, top, left, flip in zip(images, tops, lefts, flips):
+        crop = image[:, top:top + size, left:left + size]
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.stack(crops)
+
+
 def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
     """Build an open_clip ``CLIP`` from a model name or a config dict, with weights from a tag, a file or none.
 
@@ -309,22 +322,15 @@ class GRMPIQA(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         x = square_resize(x, self.resize, self.antialias)
         if random_crop:
-            x = self._random_crop_and_flip(x)
+            x = random_crop_and_flip(x, self.crop)
         else:
             top = (self.resize - self.crop) // 2
             x = x[:, :, top:top + self.crop, top:top + self.crop]
-        return (x - self.pixel_mean) / self.pixel_std
+        return self.normalize(x)
 
-    def _random_crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
-        """Training augmentation of the official code, drawn per sample: a random crop and a horizontal flip."""
-        span = self.resize - self.crop + 1
-        offsets = torch.randint(0, span, (x.shape[0], 2)).tolist()
-        flips = (torch.rand(x.shape[0]) < 0.5).tolist()
-        crops = []
-        for image, (top, left), flip in zip(x, offsets, flips):
-            crop = image[:, top:top + self.crop, left:left + self.crop]
-            crops.append(crop.flip(-1) if flip else crop)
-        return torch.stack(crops)
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixel normalisation (ImageNet statistics by default) of a crop in [0, 1]."""
+        return (x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
     def _prompt_keys_values(self, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per block, the keys and values that the prompt tokens contribute to attention."""

@@ -1,0 +1,96 @@
+"""One meta-training task of GRMPMetaPromptModel against plain prompt training of the same model and batches.
+
+Plain prompt training takes the same Adam steps on the same prompt tensors (support batch, then query batch)
+with no theta, no reset and no snapshots; meta-training adds exactly those. The ratio of peak memory shows that
+no backbone copy is made (target <= 1.2x). Interleaved, median of several tasks; random weights.
+
+    python benchmarks/meta_pretrain.py [--backbone ViT-B-16-quickgelu] [--task-size 20] [--support-batch 16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+import torch
+from common import measure
+from pyiqa.models import build_model
+
+import pyiqa_grmp  # noqa: F401
+
+
+def _options(args: argparse.Namespace, workdir: str) -> dict:
+    return {
+        'name': 'bench', 'model_type': 'GRMPMetaPromptModel', 'num_gpu': 1 if args.device == 'cuda' else 0,
+        'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'manual_seed': 0,
+        'network': {'type': 'GRMPIQA', 'pretrained': False, 'backbone': args.backbone, 'backbone_pretrained': None},
+        'path': {'models': workdir, 'training_states': workdir, 'pretrain_network': None},
+        'train': {'optim': {'type': 'Adam', 'lr': 1e-4},
+                  'meta': {'mode': 'reptile', 'outer_step': 0.01, 'support_batch': args.support_batch,
+                           'query_batch': args.query_batch}},
+        'val': {'key_metric': 'srcc', 'metrics': {'srcc': {'type': 'calculate_srcc'}}},
+    }
+
+
+def plain_prompt_training(model) -> None:
+    """The same inner steps on the same prompts, nothing else (no theta, reset, snapshot or outer step)."""
+    count = model.task_images.shape[0]
+    order = torch.randperm(count)
+    num_support = round(model.meta['support_ratio'] * count)
+    support, query = order[:num_support], order[num_support:]
+    net = model.get_bare_model(model.net)
+    for start in range(0, num_support, model.meta['support_batch']):
+        batch = support[start:start + model.meta['support_batch']]
+        model._inner_step(net, model._pixels(batch, True), model.task_mos[batch])
+        batch = query[:model.meta['query_batch']]
+        model._inner_step(net, model._pixels(batch, False), model.task_mos[batch])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser.add_argument('--task-size', type=int, default=20)
+    parser.add_argument('--support-batch', type=int, default=16)
+    parser.add_argument('--query-batch', type=int, default=4)
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        model = build_model(_options(args, workdir))
+    model.feed_data({'images': torch.randint(0, 256, (1, args.task_size, 3, 256, 256), dtype=torch.uint8),
+                     'mos': torch.rand(1, args.task_size), 'task': ['bench:01'], 'source': torch.tensor([0]),
+                     'num_source_tasks': torch.tensor([10 ** 6])})  # no outer step inside the timing
+    candidates = {
+        'plain prompt training': lambda: plain_prompt_training(model),
+        'GRMPMetaPromptModel task': lambda: model.optimize_parameters(1),
+    }
+    for fn in candidates.values():
+        fn()
+    results = {name: [] for name in candidates}
+    for _ in range(args.runs):
+        for name, fn in candidates.items():
+            results[name].append(measure(fn, device))
+
+    prompts = sum(t.numel() for t in model.theta)
+    print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine}) '
+          f'backbone={args.backbone} task={args.task_size} images, support batch {args.support_batch}, query batch '
+          f'{args.query_batch}, threads={args.threads} runs={args.runs} prompt parameters={prompts:,} '
+          f'torch={torch.__version__}')
+    medians, peaks = {}, {}
+    for name, runs in results.items():
+        medians[name] = statistics.median(r['seconds'] for r in runs)
+        peaks[name] = max(r['peak_mib'] for r in runs)
+        print(f'{name:<28} median {medians[name]:7.2f} s/task  peak +{peaks[name]:8.1f} MiB')
+    plain, meta = list(candidates)
+    print(f'ratio meta / plain: time {medians[meta] / medians[plain]:.3f}, peak memory '
+          f'{peaks[meta] / peaks[plain]:.3f}  (memory target <= 1.2)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,548 @@
+"""Side-by-side comparison of GRMP-IQA and any pyiqa metric on one labelled dataset.
+
+Every metric scores exactly the same images (each file decoded once by :func:`read_image`) against the same
+labels, and is judged by SRCC, KRCC, PLCC and PLCC after the standard 4-parameter logistic fit. Nothing is
+skipped silently: a metric that cannot be created, an image that cannot be read and an image a metric fails on
+are all counted and explained in the table.
+
+Sign convention: before any correlation is computed, the scores of metrics with ``lower_better`` (e.g. piqe,
+niqe) are negated, and so are lower-better labels (DMOS: pyiqa dataset infos with ``lower_better: true``, or
+``mos_lower_better=True``), so a metric that agrees with the labels always has positive correlations.
+``per_image.csv`` keeps the raw scores and labels.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.fewshot_dataset import few_shot_split
+from .data.image_io import ImageReadError, read_image
+
+if TYPE_CHECKING:  # .cli is imported where used, so cli.py may import this module at its top
+    from .cli import ScoreReport
+
+RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
+                  'lower_better', 'error']
+#: Failed images named in the ``error`` column of a metric; per_image.csv lists all of them.
+LISTED_FAILURES = 3
+#: pyiqa dataset types whose meta CSV is (image, MOS, ...) and (reference, image, MOS, ...).
+NR_LAYOUT_TYPES = ('GeneralNRDataset', 'LIVEChallengeDataset')
+FR_LAYOUT_TYPES = ('GeneralFRDataset',)
+
+
+@dataclass
+class LabelledImages:
+    """The rows a comparison scores: image paths, raw labels, optional reference paths, and where they came from."""
+
+    images: List[str]
+    mos: np.ndarray
+    references: Optional[List[str]]
+    mos_lower_better: bool
+    description: str
+
+
+# --------------------------------------------------------------------------------------------------- the data
+def _reroot(path: str, data_root: str) -> str:
+    """A pyiqa dataset-info path (``./datasets/...``) moved under ``data_root``, as pyiqa's standard layout."""
+    normalised = path.replace('\\', '/')
+    for prefix in ('./datasets/', 'datasets/'):
+        if normalised.startswith(prefix):
+            return os.path.join(data_root, normalised[len(prefix):])
+    return path
+
+
+def _dataset_source(name: str, data_root: str) -> Tuple[str, str, Optional[str], bool]:
+    """(meta CSV, image folder, reference folder or None, labels lower-better) of a pyiqa dataset name."""
+    import pyiqa
+
+    try:
+        info = pyiqa.get_dataset_info(name)
+    except AssertionError:
+        known = ', '.join(sorted(pyiqa.get_dataset_info()))
+        raise ValueError(f'unknown pyiqa dataset {name!r}; known names: {known}') from None
+    kind = info.get('type')
+    if kind not in NR_LAYOUT_TYPES + FR_LAYOUT_TYPES:
+        raise ValueError(f'pyiqa dataset {name!r} has type {kind}, whose meta CSV layout compare does not read; '
+                         'pass meta_info= (column 0 image path, column 1 MOS) and root= instead')
+    target = _reroot(info['dataroot_target'], data_root)
+    references = None
+    if kind in FR_LAYOUT_TYPES:  # like GeneralFRDataset: references next to the images unless dataroot_ref
+        references = _reroot(info.get('dataroot_ref') or info['dataroot_target'], data_root)
+    return _reroot(info['meta_info_file'], data_root), target, references, bool(info.get('lower_better', False))
+
+
+def _select_rows(num_rows: int, split: str, split_seed: Optional[int], num_shots: Optional[int],
+                 train_ratio: float) -> Tuple[np.ndarray, str]:
+    """Row indices to score and a sentence saying which."""
+    if split == 'all':
+        if split_seed is not None or num_shots is not None:
+            raise ValueError("split_seed and num_shots choose a few-shot test split and need split='test' "
+                             "(split='all' scores every row)")
+        return np.arange(num_rows), 'split all (every row)'
+    if split == 'test':
+        if split_seed is None or num_shots is None:
+            raise ValueError("split='test' needs split_seed and num_shots: those of the fine-tuning run whose "
+                             'test split is evaluated')
+        test = few_shot_split(num_rows, int(num_shots), int(split_seed), float(train_ratio))['test']
+        return test, (f'split test of the few-shot protocol (split_seed {split_seed}, num_shots {num_shots}, '
+                      f'train_ratio {train_ratio}) of {num_rows} rows')
+    raise ValueError(f"split must be 'all' or 'test', got {split!r}")
+
+
+def load_labelled_images(*, dataset: Optional[str] = None, data_root: str = './datasets',
+                         meta_info: Optional[str] = None, root: Optional[str] = None, split: str = 'all',
+                         split_seed: Optional[int] = None, num_shots: Optional[int] = None,
+                         train_ratio: float = 0.8, mos_lower_better: Optional[bool] = None) -> LabelledImages:
+    """The images and labels a comparison scores, from a pyiqa dataset name or a meta CSV (see :func:`compare`).
+
+    Rows are taken in file order and image paths are ``os.path.join(image folder, column)``, exactly as
+    ``FewShotNRDataset`` builds them, so ``split='test'`` gives the same images as its phase ``test``.
+    """
+    if (dataset is None) == (meta_info is None):
+        raise ValueError('give either dataset= (a pyiqa dataset name) or meta_info= (a meta CSV), not both or neither')
+    if dataset is not None:
+        if root is not None:
+            raise ValueError('root= is the image folder of meta_info=; with dataset= use data_root=')
+        meta, image_root, ref_root, info_lower_better = _dataset_source(dataset, data_root)
+        source = f'pyiqa dataset {dataset} (meta CSV {meta}, images under {image_root})'
+        hint = f'; put pyiqa\'s standard layout of {dataset} under data_root={data_root}'
+    else:
+        if root is None:
+            raise ValueError(f'meta_info={meta_info} needs root=, the folder its image paths are relative to')
+        meta, image_root, ref_root, info_lower_better = meta_info, root, None, False
+        source = f'meta CSV {meta} (images under {root})'
+        hint = ''
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f'meta info CSV {meta} not found{hint}')
+    try:
+        table = pd.read_csv(meta)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f'meta info CSV {meta} cannot be read as CSV: {error}') from error
+    image_column, mos_column = (1, 2) if ref_root else (0, 1)
+    if table.shape[1] <= mos_column or table.empty:
+        layout = 'reference, image, MOS' if ref_root else 'image, MOS'
+        raise ValueError(f'meta info CSV {meta} needs a header and rows of ({layout}); it has '
+                         f'{table.shape[1]} columns and {len(table)} rows')
+    mos = pd.to_numeric(table.iloc[:, mos_column], errors='coerce').to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(mos))
+    if bad.size:
+        raise ValueError(f'meta info CSV {meta}: {bad.size} rows have a missing or non-numeric MOS in column '
+                         f'{table.columns[mos_column]!r}, e.g. on lines {(bad[:3] + 2).tolist()}')
+    rows, split_text = _select_rows(len(table), split, split_seed, num_shots, train_ratio)
+    images = [os.path.join(image_root, str(table.iat[i, image_column])) for i in rows]
+    references = [os.path.join(ref_root, str(table.iat[i, 0])) for i in rows] if ref_root else None
+    lower_better = info_lower_better if mos_lower_better is None else bool(mos_lower_better)
+    labels = 'lower-better labels (DMOS)' if lower_better else 'labels: MOS, higher is better'
+    return LabelledImages(images=images, mos=mos[rows], references=references, mos_lower_better=lower_better,
+                          description=f'{source}; {split_text}; {len(images)} images; {labels}')
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """The 4-parameter logistic of VQEG: ``(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``."""
+    from scipy.special import expit
+
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return (b1 - b2) * expit((np.asarray(x, dtype=float) - b3) / abs(b4)) + b2
+
+
+def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
+    """Least-squares (b1, b2, b3, b4) of :func:`logistic_4` from ``pred`` to ``mos``; ValueError saying why not.
+
+    The fit runs on standardised predictions (so metrics of any scale are equally well conditioned), starting
+    from the label range, the centre of the predictions and a slope of one standard deviation.
+    """
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    pred, mos = np.asarray(pred, dtype=float), np.asarray(mos, dtype=float)
+    if len(pred) < 4:
+        raise ValueError(f'the 4-parameter logistic needs at least 4 images, got {len(pred)}')
+    if np.ptp(pred) == 0:
+        raise ValueError('the predictions are constant, so the logistic fit is undefined')
+    centre, scale = pred.mean(), pred.std()
+    rising = np.corrcoef(pred, mos)[0, 1] >= 0 if np.ptp(mos) > 0 else True
+    high, low = (mos.max(), mos.min()) if rising else (mos.min(), mos.max())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', OptimizeWarning)  # judged by the fitted values below
+            (b1, b2, b3, b4), _ = curve_fit(logistic_4, (pred - centre) / scale, mos, p0=[high, low, 0.0, 1.0],
+                                            maxfev=20000)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f'the 4-parameter logistic fit did not converge ({error})') from error
+    params = np.array([b1, b2, centre + scale * b3, scale * abs(b4)])
+    fitted = logistic_4(pred, *params)
+    if not np.all(np.isfinite(fitted)) or np.ptp(fitted) == 0:
+        raise ValueError('the 4-parameter logistic fit is flat or not finite')
+    return params
+
+
+def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False,
+                 mos_lower_better: bool = False) -> Dict[str, object]:
+    """SRCC, KRCC, PLCC and PLCC after the logistic fit of ``scores`` against ``mos``; never raises.
+
+    Lower-better scores or labels are negated first (see the module docstring). ``plcc_logistic`` is the PLCC of
+    the fitted values, negative when the fit is decreasing. Undefined values are NaN and ``error`` says why;
+    ``logistic_params`` are the fit on the sign-adjusted values, or None.
+    """
+    from scipy import stats
+
+    pred = -np.asarray(scores, dtype=float) if lower_better else np.asarray(scores, dtype=float)
+    labels = -np.asarray(mos, dtype=float) if mos_lower_better else np.asarray(mos, dtype=float)
+    result: Dict[str, object] = {'srcc': math.nan, 'krcc': math.nan, 'plcc': math.nan, 'plcc_logistic': math.nan,
+                                 'error': '', 'logistic_params': None}
+    if len(pred) < 3:
+        result['error'] = f'correlations need at least 3 scored images, got {len(pred)}'
+    elif np.ptp(pred) == 0:
+        result['error'] = f'the scores are constant ({pred[0]:.6g} on every image), so correlations are undefined'
+    elif np.ptp(labels) == 0:
+        result['error'] = 'the labels are constant, so correlations are undefined'
+    if result['error']:
+        return result
+    result.update(srcc=float(stats.spearmanr(pred, labels)[0]), krcc=float(stats.kendalltau(pred, labels)[0]),
+                  plcc=float(stats.pearsonr(pred, labels)[0]))
+    try:
+        params = fit_logistic(pred, labels)
+    except ValueError as error:
+        result['error'] = f'plcc_logistic: {error}'
+        return result
+    # A decreasing fit (a metric that ranks backwards) correlates positively with the labels; its sign keeps
+    # plcc_logistic consistent with srcc and plcc.
+    direction = 1.0 if params[0] >= params[1] else -1.0
+    result.update(plcc_logistic=direction * float(stats.pearsonr(logistic_4(pred, *params), labels)[0]),
+                  logistic_params=params)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+class _TimedMetric:
+    """A pyiqa metric that adds the wall time of its calls (GPU work included) to ``seconds``."""
+
+    def __init__(self, metric) -> None:
+        self.metric = metric
+        self.metric_mode = metric.metric_mode
+        self.on_cuda = torch.device(metric.device).type == 'cuda'
+        self.seconds = 0.0
+
+    def __call__(self, *inputs: torch.Tensor):
+        start = time.perf_counter()
+        try:
+            output = self.metric(*inputs)
+            if self.on_cuda:
+                torch.cuda.synchronize()
+            return output
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def split_metric_name(name: str) -> Tuple[str, str]:
+    """``NAME@TAG`` -> (pyiqa metric NAME, TAG); a plain name has the tag ''."""
+    base, at, tag = name.partition('@')
+    if not base or (at and not tag):
+        raise ValueError(f'metric {name!r} is not of the form NAME or NAME@TAG')
+    return base, tag
+
+
+def _create_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, object]], device: Optional[str],
+                    has_references: bool, report: ScoreReport) -> Dict[str, _TimedMetric]:
+    """Create every metric that can be; each one that cannot is recorded in ``report`` with the reason."""
+    import pyiqa
+
+    metrics: Dict[str, _TimedMetric] = OrderedDict()
+    for name in names:
+        try:
+            metric = pyiqa.create_metric(split_metric_name(name)[0], device=device, **options.get(name, {}))
+        except Exception as error:
+            report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
+            continue
+        if metric.metric_mode == 'FR' and not has_references:
+            report.add_error(name, '*', 'full-reference metric, but the data has no reference images (only pyiqa '
+                                        'FR dataset infos, via dataset=, provide them)')
+            continue
+        metrics[name] = _TimedMetric(metric)
+    return metrics
+
+
+def _score_all(data: LabelledImages, metrics: Dict[str, _TimedMetric], batch_size: int, progress: bool,
+               report: ScoreReport) -> None:
+    """Decode each image once and score it with every metric, in batches of equal-size images."""
+    from tqdm import tqdm
+
+    from .cli import MAX_CHUNK_PIXELS, _score_chunk
+
+    needs_references = any(m.metric_mode == 'FR' for m in metrics.values())
+    bar = tqdm(total=len(data.images), disable=not progress, desc='comparing', unit='img', file=sys.stderr)
+    chunk: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]] = []
+    chunk_pixels = read_since_flush = 0
+    for index, path in enumerate(data.images):
+        read_since_flush += 1
+        try:
+            image = read_image(path)
+            reference = None
+            if needs_references:
+                try:
+                    reference = read_image(data.references[index])
+                except ImageReadError as error:
+                    raise ImageReadError(f'reference of {path}: {error}') from error
+            chunk.append((path, image, reference))
+            chunk_pixels += image[0].numel()
+        except ImageReadError as error:
+            report.add_error('*', path, str(error))
+        if len(chunk) == batch_size or chunk_pixels >= MAX_CHUNK_PIXELS or index == len(data.images) - 1:
+            _score_chunk(chunk, metrics, report)
+            bar.update(read_since_flush)
+            chunk, chunk_pixels, read_since_flush = [], 0, 0
+    bar.close()
+
+
+def _failure_text(failures: List[Tuple[str, str]], total: int) -> str:
+    listed = '; '.join(reason if path in reason else f'{path}: {reason}' for path, reason in
+                       failures[:LISTED_FAILURES])
+    more = f'; and {len(failures) - LISTED_FAILURES} more' if len(failures) > LISTED_FAILURES else ''
+    return f'{len(failures)} of {total} images failed: {listed}{more}'
+
+
+@dataclass
+class _Outcome:
+    """What one metric produced: raw scores per row (NaN where it failed) and everything the table shows."""
+
+    name: str
+    scores: np.ndarray
+    failures: List[Tuple[str, str]]
+    stats: Dict[str, object]
+    row: Dict[str, object]
+
+
+def _outcomes(data: LabelledImages, names: Sequence[str], metrics: Dict[str, _TimedMetric],
+              report: ScoreReport) -> List[_Outcome]:
+    """Per metric: its raw scores, every failure with its reason, its correlations and its row of the table."""
+    image_errors = {image: reason for metric, image, reason in report.errors if metric == '*'}
+    metric_errors = {(metric, image): reason for metric, image, reason in report.errors
+                     if metric != '*' and image != '*'}
+    creation_errors = {metric: reason for metric, image, reason in report.errors if image == '*'}
+    total = len(data.images)
+    outcomes = []
+    for name in names:
+        scores = np.full(total, math.nan)
+        failures: List[Tuple[str, str]] = []
+        if name in metrics:
+            for row, path in enumerate(data.images):
+                value = report.scores.get(path, {}).get(name, math.nan)
+                if path in image_errors or (name, path) in metric_errors:
+                    failures.append((path, image_errors.get(path) or metric_errors[(name, path)]))
+                elif not math.isfinite(value):
+                    failures.append((path, f'the metric returned {value}'))
+                else:
+                    scores[row] = value
+        scored = np.isfinite(scores)
+        lower_better = bool(metrics[name].metric.lower_better) if name in metrics else None
+        stats = correlations(scores[scored], data.mos[scored], bool(lower_better), data.mos_lower_better)
+        errors = [creation_errors[name]] if name in creation_errors else []
+        errors += [_failure_text(failures, total)] if failures else []
+        errors += [stats['error']] if stats['error'] and name not in creation_errors else []
+        seconds = metrics[name].seconds / scored.sum() if name in metrics and scored.any() else math.nan
+        row = {'metric': name, **{k: stats[k] for k in ('srcc', 'krcc', 'plcc', 'plcc_logistic')},
+               'scored': int(scored.sum()), 'failed': int(total - scored.sum()), 'seconds_per_image': seconds,
+               'lower_better': lower_better, 'error': ' | '.join(errors)}
+        outcomes.append(_Outcome(name, scores, failures, stats, row))
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+def _cell(value: object, float_format: str = '.4f') -> str:
+    if isinstance(value, float):
+        return 'n/a' if math.isnan(value) else format(value, float_format)
+    if value is None:
+        return ''
+    return str(value).replace('|', '\\|').replace('\n', ' ')
+
+
+def results_markdown(table: pd.DataFrame, description: str) -> str:
+    """The results table in Markdown, under a line stating the data, split and number of images."""
+    header = ['metric', 'SRCC', 'KRCC', 'PLCC', 'PLCC (logistic)', 'scored', 'failed', 's / image', 'lower better',
+              'error']
+    lines = [f'Data: {description}.', '',
+             'Correlations of lower-better metrics are computed on negated scores, so higher is better for all.', '',
+             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for _, row in table.iterrows():
+        lines.append('| ' + ' | '.join(_cell(row[c], '.3g' if c == 'seconds_per_image' else '.4f')
+                                       for c in RESULT_COLUMNS) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def _per_image_table(data: LabelledImages, outcomes: List[_Outcome]) -> pd.DataFrame:
+    columns: Dict[str, object] = {'image': data.images}
+    if data.references is not None:
+        columns['reference'] = data.references
+    columns['mos'] = data.mos
+    for outcome in outcomes:
+        columns[outcome.name] = outcome.scores
+    reasons: Dict[str, List[str]] = {}
+    for outcome in outcomes:
+        for path, reason in outcome.failures:
+            reasons.setdefault(path, [])
+            if reason not in reasons[path]:
+                reasons[path].append(reason)
+    columns['errors'] = [' | '.join(reasons.get(path, [])) for path in data.images]
+    return pd.DataFrame(columns)
+
+
+def _scatter_plot(data: LabelledImages, outcomes: List[_Outcome], path: str) -> None:
+    """Predicted score against label, one panel per metric with its SRCC; failed metrics get a panel saying why."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(3, len(outcomes))
+    rows = math.ceil(len(outcomes) / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.8 * rows), layout='constrained')
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    label = 'DMOS (lower is better)' if data.mos_lower_better else 'MOS'
+    for axis, outcome in zip(axes, outcomes):
+        scored = np.isfinite(outcome.scores)
+        if not scored.any():
+            axis.set_axis_off()
+            axis.text(0.5, 0.5, f'{outcome.name}: no scores\n\n' + textwrap.fill(outcome.row['error'][:400], 45),
+                      ha='center', va='center', fontsize=8, color='C3', transform=axis.transAxes)
+            continue
+        x, y = outcome.scores[scored], data.mos[scored]
+        axis.scatter(x, y, s=10, alpha=0.6)
+        params = outcome.stats['logistic_params']
+        if params is not None:  # the fit maps sign-adjusted scores to sign-adjusted labels
+            grid = np.linspace(x.min(), x.max(), 200)
+            score_sign = -1.0 if outcome.row['lower_better'] else 1.0
+            label_sign = -1.0 if data.mos_lower_better else 1.0
+            axis.plot(grid, label_sign * logistic_4(score_sign * grid, *params), color='C1', linewidth=1.5)
+        failed = f', {outcome.row["failed"]} failed' if outcome.row['failed'] else ''
+        axis.set_title(f'{outcome.name}: SRCC {_cell(outcome.row["srcc"])}{failed}', fontsize=10)
+        axis.set_xlabel('score' + (' (lower is better)' if outcome.row['lower_better'] else ''))
+        axis.set_ylabel(label)
+    for axis in axes[len(outcomes):]:
+        axis.set_axis_off()
+    figure.savefig(path, dpi=100)
+
+
+def _write_outputs(out_dir: str, table: pd.DataFrame, data: LabelledImages, outcomes: List[_Outcome]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    table.to_csv(os.path.join(out_dir, 'results.csv'), index=False)
+    with open(os.path.join(out_dir, 'results.md'), 'w') as handle:
+        handle.write(results_markdown(table, data.description))
+    _per_image_table(data, outcomes).to_csv(os.path.join(out_dir, 'per_image.csv'), index=False)
+    _scatter_plot(data, outcomes, os.path.join(out_dir, 'scatter.png'))
+
+
+# ---------------------------------------------------------------------------------------------------- the API
+def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root: str = './datasets',
+            meta_info: Optional[str] = None, root: Optional[str] = None, split: str = 'all',
+            split_seed: Optional[int] = None, num_shots: Optional[int] = None, train_ratio: float = 0.8,
+            mos_lower_better: Optional[bool] = None,
+            metric_options: Optional[Mapping[str, Mapping[str, object]]] = None, device: Optional[str] = None,
+            batch_size: int = 8, out_dir: Optional[str] = None, progress: bool = True) -> pd.DataFrame:
+    """Score the same labelled images with every metric and return one row of correlations per metric.
+
+    Data: ``dataset=`` a pyiqa dataset name (its paths re-rooted from ``./datasets`` to ``data_root``) or
+    ``meta_info=`` an NR meta CSV (column 0 image path relative to ``root=``, column 1 MOS). ``split='all'``
+    scores every row; ``split='test'`` only the test split of the few-shot protocol of ``split_seed`` /
+    ``num_shots`` / ``train_ratio``, so a model fine-tuned with that seed is never scored on its training images.
+    ``mos_lower_better`` overrides the dataset info's ``lower_better`` (default False for a meta CSV).
+
+    ``metrics`` are pyiqa names, optionally ``NAME@TAG`` to compare variants of one metric; the whole string
+    names the row and keys ``metric_options`` (keyword arguments of ``pyiqa.create_metric``). Failures are
+    reported in the ``error``, ``scored`` and ``failed`` columns, never raised; bad arguments raise ValueError.
+    ``seconds_per_image`` is the time spent in the metric's calls (retries of failed batches included) per
+    scored image.
+    With ``out_dir``: results.csv, results.md, per_image.csv (raw scores) and scatter.png are written there.
+    """
+    names = list(metrics)
+    if not names:
+        raise ValueError('give at least one metric name')
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f'metric names must be unique (use NAME@TAG for variants): {duplicates} repeated')
+    for name in names:
+        split_metric_name(name)
+    metric_options = dict(metric_options or {})
+    unknown = sorted(set(metric_options) - set(names))
+    if unknown:
+        raise ValueError(f'metric_options names metrics that are not compared: {unknown} (keys are the full '
+                         f'names, e.g. grmp_iqa@a)')
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be an integer >= 1, got {batch_size!r}')
+    data = load_labelled_images(dataset=dataset, data_root=data_root, meta_info=meta_info, root=root, split=split,
+                                split_seed=split_seed, num_shots=num_shots, train_ratio=train_ratio,
+                                mos_lower_better=mos_lower_better)
+
+    from .cli import ScoreReport
+
+    report = ScoreReport(images=data.images, refs={}, metrics=names)
+    created = _create_metrics(names, metric_options, device, data.references is not None, report)
+    if created:
+        _score_all(data, created, batch_size, progress, report)
+    outcomes = _outcomes(data, names, created, report)
+    table = pd.DataFrame([o.row for o in outcomes], columns=RESULT_COLUMNS)
+    table.attrs['description'] = data.description
+    if out_dir is not None:
+        _write_outputs(out_dir, table, data, outcomes)
+    return table
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``compare`` command to a ``pyiqa-grmp`` sub-command set; its handler is :func:`run_compare_command`."""
+    parser = subparsers.add_parser(
+        'compare', help='compare metrics side by side on a labelled dataset (correlations, table, scatter plot)',
+        description='Score the same labelled images with every metric; report SRCC, KRCC, PLCC, logistic PLCC, '
+                    'failures and time per image. Lower-better metrics are correlated on negated scores.')
+    parser.add_argument('metrics', nargs='+', metavar='METRIC',
+                        help='pyiqa metric names; NAME@TAG compares variants of one metric, e.g. grmp_iqa@mine')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
+    source.add_argument('--meta-info', help='an NR meta CSV: column 0 image path relative to --root, column 1 MOS')
+    parser.add_argument('--data-root', default='./datasets', help='folder of the pyiqa datasets (default ./datasets)')
+    parser.add_argument('--root', help='image folder of --meta-info')
+    parser.add_argument('--split', choices=['all', 'test'], default='all',
+                        help='all rows (default), or the few-shot test split of --split-seed / --num-shots')
+    parser.add_argument('--split-seed', type=int, help='split_seed of the fine-tuning run (with --split test)')
+    parser.add_argument('--num-shots', type=int, help='num_shots of the fine-tuning run (with --split test)')
+    parser.add_argument('--train-ratio', type=float, default=0.8, help='train_ratio of the fine-tuning run')
+    parser.add_argument('--mos-lower-better', action='store_const', const=True, default=None,
+                        help='the labels are DMOS (lower is better); default: the dataset info, else no')
+    parser.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
+                        help='option for one metric (NAME may be NAME@TAG), value parsed as YAML (repeatable)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    parser.add_argument('--batch-size', type=int, default=8, help='images per forward pass (equal sizes only)')
+    parser.add_argument('--out', default='results/compare',
+                        help='folder for results.csv, results.md, per_image.csv, scatter.png (default results/compare)')
+    parser.set_defaults(handler=run_compare_command)
+    return parser
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    """Run ``pyiqa-grmp compare``: print the table; 0, or 1 when any metric or image failed."""
+    from .cli import parse_metric_options
+
+    try:
+        table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
+                        root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
+                        train_ratio=args.train_ratio, mos_lower_better=args.mos_lower_better,
+                        metric_options=parse_metric_options(args.metric_opt), device=args.device,
+                        batch_size=args.batch_size, out_dir=args.out, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f'error: {error}') from error
+    print(results_markdown(table, table.attrs['description']))
+    print(f'wrote {os.path.join(args.out, "results.csv")}, results.md, per_image.csv and scatter.png')
+    failed = table[table['failed'] > 0]
+    for _, row in failed.iterrows():
+        print(f'FAILED [{row["metric"]}] {row["error"]}', file=sys.stderr)
+    return 1 if len(failed) else 0

@@ -1,0 +1,191 @@
+"""Meta-prompt pre-training of GRMP-IQA over distortion tasks, as a pyiqa model (Reptile-style).
+
+Each pyiqa iteration is one task (one distortion type of one source, from ``DistortionTaskDataset``). The
+network itself is the inner model: its prompt tensors take Adam steps alternating a support batch and a query
+batch of the task. The meta-parameters theta (prompt tensors only) move after each source's pass over its
+tasks: theta <- theta + beta * (mean of the task snapshots - theta). Only prompt tensors are ever copied: theta
+and a running sum of the snapshots, never the backbone.
+
+``train.meta.mode``: ``reptile`` (default, the paper's bi-level description) resets the inner model to theta
+before every task; ``official`` never resets it, so the inner model trains on across tasks and theta follows
+it as a slow average (what the released code does).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Dict, Iterator, List
+
+import torch
+from pyiqa.losses import build_loss
+from pyiqa.utils import get_root_logger
+
+from ..archs.grmp_arch import random_crop_and_flip, square_resize
+from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
+
+#: Parameters trained in pre-training: the text context and the visual prompts with their projection and norm.
+PROMPT_PREFIXES = ('prompt_learner.', 'visual_prompts.')
+DEFAULT_META = {'mode': 'reptile', 'outer_step': 0.01, 'support_ratio': 0.8, 'support_batch': 75,
+                'query_batch': 50, 'seed': 0}
+META_MODES = ('reptile', 'official')
+
+
+def _minmax(labels: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise within one part (support or query), as the official code; constant labels -> 0.5."""
+    span = labels.max() - labels.min()
+    return (labels - labels.min()) / span if span > 0 else torch.full_like(labels, 0.5)
+
+
+class GRMPMetaPromptModel(GRMPBaseModel):
+    """pyiqa model for meta-prompt pre-training (``model_type: GRMPMetaPromptModel``).
+
+    YAML: ``train.optim`` is the inner optimiser (the paper: Adam, lr 1e-4; its state starts fresh for every
+    task); ``train.meta: {mode, outer_step, support_ratio, support_batch, query_batch, seed}``. Training data:
+    a ``DistortionTaskDataset`` with ``batch_size_per_gpu: 1``; validation: any NR dataset.
+    """
+
+    def __init__(self, opt: dict) -> None:
+        self.meta = merged_options(DEFAULT_META, (opt.get('train') or {}).get('meta'), 'meta')
+        if self.meta['mode'] not in META_MODES:
+            raise TrainingConfigError(f'train.meta.mode must be one of {META_MODES}, got {self.meta["mode"]!r}')
+        if not 0 < self.meta['outer_step'] <= 1:
+            raise TrainingConfigError(f'train.meta.outer_step must be in (0, 1], got {self.meta["outer_step"]}')
+        if not 0 < self.meta['support_ratio'] < 1:
+            raise TrainingConfigError(f'train.meta.support_ratio must be in (0, 1), got {self.meta["support_ratio"]}')
+        super().__init__(opt)
+
+    def init_training_settings(self) -> None:
+        net = self.get_bare_model(self.net)
+        self.prompt_names = [n for n, _ in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
+        for name, param in net.named_parameters():
+            param.requires_grad_(name.startswith(PROMPT_PREFIXES))
+        self.prompt_params = [p for n, p in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
+        self.theta = [p.detach().clone() for p in self.prompt_params]
+        self.snapshot_sums: Dict[int, List[torch.Tensor]] = {}
+        self.snapshot_counts: Dict[int, int] = {}
+        self.generator = torch.Generator().manual_seed(int(self.meta['seed']))
+        self.cri_quality = build_loss(dict(self.opt['train'].get('quality_loss_opt') or {'type': 'GRMPQualityLoss'}))
+        net.train()
+        self.opt['train']['optim'] = dict(self.opt['train']['optim'])
+        optim_type = self.opt['train']['optim'].pop('type')
+        self.optimizer = self.get_optimizer(optim_type, self.prompt_params, **self.opt['train']['optim'])
+        self.optimizers.append(self.optimizer)
+        self.setup_schedulers()
+        count = sum(p.numel() for p in self.prompt_params)
+        get_root_logger().info(f'GRMP meta-prompt pre-training ({self.meta["mode"]}): {len(self.prompt_params)} '
+                               f'prompt tensors, {count:,} parameters; backbone frozen')
+
+    # -------------------------------------------------------------------------------------------- data
+    def feed_data(self, data: dict) -> None:
+        if 'images' not in data:  # validation batches are ordinary NR items
+            super().feed_data(data)
+            return
+        if data['images'].shape[0] != 1:
+            raise TrainingConfigError('meta-training takes one task per iteration: set batch_size_per_gpu: 1')
+        self.task_images = data['images'][0].to(self.device)
+        self.task_mos = data['mos'][0].float().to(self.device)
+        self.task_name = data['task'][0]
+        self.task_source = int(data['source'][0])
+        self.source_size = int(data['num_source_tasks'][0])
+
+    def _pixels(self, indices: torch.Tensor, support: bool) -> torch.Tensor:
+        """Support: random crop + flip (the official 224 from 256); query: resized to the crop size."""
+        net = self.get_bare_model(self.net)
+        images = self.task_images[indices].float() / 255
+        crops = random_crop_and_flip(images, net.crop) if support else square_resize(images, net.crop)
+        return net.normalize(crops)
+
+    # ---------------------------------------------------------------------------------------- training
+    def optimize_parameters(self, current_iter: int) -> None:
+        """One task: inner steps from theta (reptile) or from where the inner model is (official)."""
+        net = self.get_bare_model(self.net)
+        if self.meta['mode'] == 'reptile':
+            with torch.no_grad():
+                for param, meta_value in zip(self.prompt_params, self.theta):
+                    param.copy_(meta_value)
+        self.optimizer.state.clear()  # a fresh inner optimiser for every task
+        count = self.task_images.shape[0]
+        order = torch.randperm(count, generator=self.generator).to(self.device)
+        num_support = min(count - 1, max(1, round(self.meta['support_ratio'] * count)))
+        support, query = order[:num_support], order[num_support:]
+        support_labels, query_labels = _minmax(self.task_mos[support]), _minmax(self.task_mos[query])
+        query_batch = int(self.meta['query_batch'])
+        query_starts = range(0, len(query), query_batch)
+        losses = OrderedDict()
+        for step, start in enumerate(range(0, num_support, int(self.meta['support_batch']))):
+            batch = slice(start, start + int(self.meta['support_batch']))
+            losses['l_support'] = self._inner_step(net, self._pixels(support[batch], True), support_labels[batch])
+            query_start = query_starts[step % len(query_starts)]  # the query batches cycle
+            batch = slice(query_start, query_start + query_batch)
+            losses['l_query'] = self._inner_step(net, self._pixels(query[batch], False), query_labels[batch])
+        self._add_snapshot()
+        self.log_dict = self.reduce_loss_dict(losses)
+
+    def _inner_step(self, net, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.cri_quality(net.score_pixels(pixels), labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _add_snapshot(self) -> None:
+        source = self.task_source
+        with torch.no_grad():
+            if source not in self.snapshot_sums:
+                self.snapshot_sums[source] = [p.detach().clone() for p in self.prompt_params]
+                self.snapshot_counts[source] = 1
+            else:
+                for total, param in zip(self.snapshot_sums[source], self.prompt_params):
+                    total.add_(param)
+                self.snapshot_counts[source] += 1
+        if self.snapshot_counts[source] >= self.source_size:
+            self.outer_update(source)
+
+    def outer_update(self, source: int) -> None:
+        """theta <- theta + beta * (mean of the source's task snapshots - theta); clears that source's sum."""
+        sums, count = self.snapshot_sums.pop(source), self.snapshot_counts.pop(source)
+        beta = float(self.meta['outer_step'])
+        with torch.no_grad():
+            for meta_value, total in zip(self.theta, sums):
+                meta_value.add_(total / count - meta_value, alpha=beta)
+
+    # ------------------------------------------------------------------------- theta is what is kept
+    @contextlib.contextmanager
+    def theta_in_network(self) -> Iterator[None]:
+        """Temporarily put theta into the network (for validation and saving); the inner values come back."""
+        with torch.no_grad():
+            inner = [p.detach().clone() for p in self.prompt_params]
+            for param, meta_value in zip(self.prompt_params, self.theta):
+                param.copy_(meta_value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.prompt_params, inner):
+                    param.copy_(value)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        with self.theta_in_network():
+            self.validate_and_select(dataloader, current_iter, tb_logger)
+
+    def save(self, epoch: int, current_iter: int, save_net_label: str = 'net') -> None:
+        with self.theta_in_network():
+            super().save(epoch, current_iter, save_net_label)
+
+    def extra_training_state(self) -> dict:
+        return {'theta': [t.cpu() for t in self.theta], 'inner': [p.detach().cpu() for p in self.prompt_params],
+                'snapshot_sums': {str(s): [t.cpu() for t in v] for s, v in self.snapshot_sums.items()},
+                'snapshot_counts': {str(s): c for s, c in self.snapshot_counts.items()},
+                'generator': self.generator.get_state()}
+
+    def restore_extra_training_state(self, state: dict) -> None:
+        """The saved network holds theta; the inner prompts, snapshot sums and RNG come from the state."""
+        if not state:
+            return
+        with torch.no_grad():
+            self.theta = [t.to(self.device).clone() for t in state['theta']]
+            for param, value in zip(self.prompt_params, state['inner']):
+                param.copy_(value)
+        self.snapshot_sums = {int(s): [t.to(self.device) for t in v] for s, v in state['snapshot_sums'].items()}
+        self.snapshot_counts = {int(s): c for s, c in state['snapshot_counts'].items()}
+        self.generator.set_state(state['generator'])

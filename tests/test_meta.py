@@ -1,0 +1,220 @@
+"""Meta-prompt pre-training: distortion tasks, the outer step, what changes, both modes, the smoke run."""
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyiqa
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pyiqa.models import build_model
+from pyiqa.utils.options import make_paths
+
+from pyiqa_grmp.cli import main
+from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
+from pyiqa_grmp.data.synthetic import make_synthetic_dataset
+from pyiqa_grmp.data.task_dataset import DistortionTaskDataset
+from pyiqa_grmp.models.base_model import TrainingConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
+META_CONFIG = CONFIGS / 'smoke' / 'meta_pretrain_synthetic.yml'
+
+
+def _write_images(folder, names):
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / name)
+
+
+@pytest.fixture
+def kadid_like(tmp_path):
+    """pyiqa's FR layout with KADID-10k names I<ref>_<type>_<level>.png: 2 references x 3 types x 4 levels."""
+    names = [f'I{r:02d}_{t:02d}_{l:02d}.png' for r in (1, 2) for t in (1, 2, 3) for l in (1, 2, 3, 4)]
+    _write_images(tmp_path, names)
+    pd.DataFrame({'ref_name': [n[:3] + '.png' for n in names], 'dist_name': names,
+                  'dmos': [5.0 - int(n[7:9]) for n in names]}).to_csv(tmp_path / 'kadid.csv', index=False)
+    return {'name': 'kadid', 'meta_info_file': str(tmp_path / 'kadid.csv'), 'dataroot_target': str(tmp_path),
+            'type': 'GeneralFRDataset'}
+
+
+@pytest.fixture
+def tid_like(tmp_path):
+    """TID2013 names i<ref>_<type>_<level>.bmp, FR layout with a reference folder."""
+    names = [f'i{r:02d}_{t:02d}_{l}.bmp' for r in (1, 2, 3) for t in (7, 8) for l in (1, 2, 3)]
+    _write_images(tmp_path, names)
+    pd.DataFrame({'ref_name': ['I01.BMP'] * len(names), 'dist_name': names,
+                  'mos': [7.0 - int(n[7]) for n in names]}).to_csv(tmp_path / 'tid.csv', index=False)
+    return {'name': 'tid', 'meta_info_file': str(tmp_path / 'tid.csv'), 'dataroot_target': str(tmp_path),
+            'dataroot_ref': str(tmp_path)}
+
+
+def _tasks(sources, phase='train', **opt):
+    return DistortionTaskDataset({'name': 'tasks', 'sources': sources, 'phase': phase, 'resize': 32, **opt})
+
+
+def test_kadid_file_names_give_one_task_per_type(kadid_like):
+    dataset = _tasks([kadid_like], val_fraction=0.25)
+    assert [t['name'] for t in dataset.tasks] == ['kadid:01', 'kadid:02', 'kadid:03']
+    assert all(len(t['items']) == 6 for t in dataset.tasks) and len(dataset.held_out) == 6
+    item = dataset[0]
+    assert item['images'].shape == (6, 3, 32, 32) and item['images'].dtype == torch.uint8
+    assert item['mos'].shape == (6,) and item['num_source_tasks'] == 3
+
+
+def test_tid_file_names_and_two_sources(kadid_like, tid_like):
+    dataset = _tasks([tid_like, kadid_like], val_fraction=0.0)
+    assert [t['name'] for t in dataset.tasks] == ['tid:07', 'tid:08', 'kadid:01', 'kadid:02', 'kadid:03']
+    assert dataset.tasks_per_source == [2, 3]
+
+
+def test_type_column_gives_every_type_but_the_excluded(tmp_path):
+    meta = make_synthetic_dataset(str(tmp_path / 'synthetic'), size=32)
+    source = {'name': 'syn', 'meta_info_file': meta, 'dataroot_target': str(tmp_path / 'synthetic'),
+              'type_column': 'distortion', 'exclude_types': ['pristine']}
+    dataset = _tasks([source])
+    assert sorted(t['name'] for t in dataset.tasks) == sorted(
+        f'syn:{k}' for k in ('gaussian_noise', 'gaussian_blur', 'jpeg', 'pixelate', 'contrast'))
+
+
+def test_held_out_images_are_disjoint_from_tasks_and_deterministic(kadid_like):
+    first, second = (_tasks([kadid_like], val_fraction=0.25, split_seed=4) for _ in range(2))
+    task_paths = {p for t in first.tasks for p, _ in t['items']}
+    held = {p for p, _ in first.held_out}
+    assert held and not held & task_paths
+    assert first.held_out == second.held_out
+    other = _tasks([kadid_like], val_fraction=0.25, split_seed=5)
+    assert {p for p, _ in other.held_out} != held
+
+
+def test_val_phase_yields_held_out_images_labelled_in_unit_range(kadid_like):
+    dataset = _tasks([kadid_like], phase='val', val_fraction=0.25)
+    labels = [dataset[i]['mos_label'].item() for i in range(len(dataset))]
+    assert len(dataset) == 6 and min(labels) == 0.0 and max(labels) == 1.0
+    assert dataset[0]['img'].shape == (3, 32, 32)
+
+
+def test_unmatched_file_name_is_reported(kadid_like, tmp_path):
+    frame = pd.read_csv(kadid_like['meta_info_file'])
+    frame.loc[0, 'dist_name'] = 'holiday.png'
+    frame.to_csv(tmp_path / 'bad.csv', index=False)
+    with pytest.raises(DatasetConfigError, match="holiday.png.*type_pattern"):
+        _tasks([dict(kadid_like, meta_info_file=str(tmp_path / 'bad.csv'))])
+
+
+# ----------------------------------------------------------------------------------------------- model
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('meta')
+    make_synthetic_dataset(str(root / 'datasets' / 'synthetic'), seed=0, size=128)
+    return root
+
+
+def _options(workdir, **meta):
+    opt = yaml.safe_load(META_CONFIG.read_text())
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase
+        for source in dataset['sources']:
+            source['meta_info_file'] = str(workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv')
+            source['dataroot_target'] = str(workdir / 'datasets' / 'synthetic')
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    opt['train']['meta'].update(meta)
+    make_paths(opt, str(workdir / 'unit'))
+    os.makedirs(opt['path']['models'], exist_ok=True)
+    return opt
+
+
+def _feed_task(model, opt, index=0):
+    from pyiqa.data import build_dataset
+
+    task = build_dataset(copy.deepcopy(opt['datasets']['train']))[index]
+    model.feed_data({'images': task['images'][None], 'mos': task['mos'][None], 'task': [task['task']],
+                     'source': torch.tensor([task['source']]),
+                     'num_source_tasks': torch.tensor([task['num_source_tasks']])})
+
+
+def test_outer_step_moves_theta_by_exactly_beta_toward_the_snapshot_mean(workdir):
+    model = build_model(_options(workdir, outer_step=0.25))
+    theta = [torch.randn_like(t) for t in model.theta]
+    snapshots = [[torch.randn_like(t) for t in model.theta] for _ in range(3)]
+    model.theta = [t.clone() for t in theta]
+    model.snapshot_sums = {0: [sum(s[i] for s in snapshots) for i in range(len(theta))]}
+    model.snapshot_counts = {0: 3}
+    model.outer_update(0)
+    for i, (before, after) in enumerate(zip(theta, model.theta)):
+        mean = sum(s[i] for s in snapshots) / 3
+        assert torch.allclose(after, before + 0.25 * (mean - before), atol=1e-6)
+    assert model.snapshot_sums == {}
+
+
+def test_a_task_changes_only_the_prompt_tensors(workdir):
+    opt = _options(workdir)
+    model = build_model(opt)
+    net = model.get_bare_model(model.net)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    _feed_task(model, opt)
+    model.optimize_parameters(1)
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if n.startswith(('prompt_learner.', 'visual_prompts.'))}
+
+
+def test_meta_state_holds_only_prompt_tensors(workdir):
+    opt = _options(workdir)
+    model = build_model(opt)
+    net = model.get_bare_model(model.net)
+    prompt_count = sum(p.numel() for n, p in net.named_parameters() if n.startswith(('prompt_learner.',
+                                                                                     'visual_prompts.')))
+    _feed_task(model, opt)
+    model.optimize_parameters(1)
+    assert sum(t.numel() for t in model.theta) == prompt_count
+    assert all(sum(t.numel() for t in sums) == prompt_count for sums in model.snapshot_sums.values())
+
+
+@pytest.mark.parametrize('mode', ['reptile', 'official'])
+def test_each_task_starts_from_theta_only_in_reptile_mode(workdir, mode, monkeypatch):
+    opt = _options(workdir, mode=mode, outer_step=0.5)
+    model = build_model(opt)
+    starts = []
+    original = model._inner_step
+    first_step = {'pending': True}
+
+    def recording(net, pixels, labels):
+        if first_step['pending']:
+            starts.append([p.detach().clone() for p in model.prompt_params])
+            first_step['pending'] = False
+        return original(net, pixels, labels)
+
+    monkeypatch.setattr(model, '_inner_step', recording)
+    for iteration in (1, 2):
+        _feed_task(model, opt, index=iteration - 1)
+        first_step['pending'] = True
+        theta_now = [t.clone() for t in model.theta]
+        model.optimize_parameters(iteration)
+        starts_from_theta = all(torch.equal(a, b) for a, b in zip(starts[-1], theta_now))
+        assert starts_from_theta == (mode == 'reptile' or iteration == 1)
+
+
+def test_unknown_meta_mode_fails_before_training(workdir):
+    with pytest.raises(TrainingConfigError, match='meta.mode'):
+        build_model(_options(workdir, mode='maml'))
+
+
+def test_smoke_meta_pretraining_checkpoint_serves_metric_and_finetuning(workdir):
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(['train', '-opt', str(META_CONFIG)]) == 0
+        best = workdir / 'experiments' / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'
+        assert best.is_file()
+        assert main(['train', '-opt', str(CONFIGS / 'smoke' / 'finetune_from_meta_synthetic.yml'),
+                     '--force_yml', 'train:total_epoch=2', 'val:val_freq=2']) == 0
+    finally:
+        os.chdir(cwd)
+    network = {k: v for k, v in yaml.safe_load(META_CONFIG.read_text())['network'].items()
+               if k not in ('type', 'pretrained')}
+    metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=str(best), **network)
+    state = torch.load(best, weights_only=True)['params']
+    assert torch.equal(metric.net.prompt_learner.ctx, state['prompt_learner.ctx'])
+    assert 0 < metric(torch.rand(1, 3, 122, 122)).item() < 1
