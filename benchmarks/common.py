@@ -1,6 +1,9 @@
 """Timing and peak-memory helpers shared by the benchmarks (run them as ``python benchmarks/NAME.py``)."""
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
 import time
 from typing import Callable, Dict
 
@@ -41,3 +44,43 @@ def measure(fn: Callable[[], object], device: torch.device) -> Dict[str, float]:
     else:
         peak = (_rss_kib('VmHWM') - base) / 1024 if can_reset else float('nan')
     return {'seconds': time.perf_counter() - start, 'peak_mib': peak}
+
+
+def benchmark_parser(description: str, runs: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: backbone, runs, warm-up, threads, device."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser.add_argument('--runs', type=int, default=runs)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return parser
+
+
+def prepare(args) -> torch.device:
+    """Fix threads and seed; return the device."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return torch.device(args.device)
+
+
+def run_side_by_side(candidates: Dict[str, Callable[[], object]], args, device: torch.device,
+                     details: str) -> Dict[str, Dict[str, float]]:
+    """Warm up, run the candidates interleaved ``args.runs`` times, print one line each; return median seconds
+    and peak memory per candidate."""
+    for _ in range(args.warmup):
+        for fn in candidates.values():
+            fn()
+    runs = {name: [] for name in candidates}
+    for _ in range(args.runs):
+        for name, fn in candidates.items():
+            runs[name].append(measure(fn, device))
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else os.uname().machine
+    print(f'device={device} ({where}) backbone={args.backbone} threads={args.threads} runs={args.runs} {details} '
+          f'torch={torch.__version__}')
+    summary = {}
+    for name, results in runs.items():
+        summary[name] = {'seconds': statistics.median(r['seconds'] for r in results),
+                         'peak_mib': max(r['peak_mib'] for r in results)}
+        print(f'{name:<34} median {summary[name]["seconds"]:8.3f} s  peak +{summary[name]["peak_mib"]:8.1f} MiB')
+    return summary

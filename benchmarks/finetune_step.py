@@ -9,14 +9,11 @@ two ``autograd.grad`` calls on the same graph. Interleaved, median of several st
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
-import statistics
 import tempfile
 
 import torch
-from common import measure
+from common import benchmark_parser, prepare, run_side_by_side
 from pyiqa.models import build_model
 
 import pyiqa_grmp  # noqa: F401
@@ -54,45 +51,25 @@ def straightforward_step(model, images: torch.Tensor, labels: torch.Tensor) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser = benchmark_parser(__doc__.splitlines()[0], runs=3)
     parser.add_argument('--batch', type=int, default=16)
-    parser.add_argument('--runs', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = prepare(args)
     with tempfile.TemporaryDirectory() as workdir:
         model = build_model(_options(args.backbone, workdir, args.device))
     baseline = copy.copy(model)  # same network, optimizer and teacher: both variants update the same weights
     images = torch.rand(args.batch, 3, 244, 244, device=device)
     labels = torch.rand(args.batch, 1, device=device)
     model.feed_data({'img': images, 'mos_label': labels})
-
     candidates = {
         'two forwards + two backwards': lambda: straightforward_step(baseline, images, labels),
         'GRMPFinetuneModel (one forward)': lambda: model.optimize_parameters(1),
     }
-    for fn in candidates.values():  # warm-up
-        fn()
-    results = {name: [] for name in candidates}
-    for _ in range(args.runs):
-        for name, fn in candidates.items():
-            results[name].append(measure(fn, device))
-
     trainable = sum(p.numel() for p in model.trainable_params)
-    print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine}) '
-          f'backbone={args.backbone} batch={args.batch} threads={args.threads} runs={args.runs} '
-          f'trainable={trainable:,} torch={torch.__version__}')
-    medians = {}
-    for name, runs in results.items():
-        medians[name] = statistics.median(r['seconds'] for r in runs)
-        print(f'{name:<34} median {medians[name]:7.2f} s/step  peak +{max(r["peak_mib"] for r in runs):8.1f} MiB')
+    summary = run_side_by_side(candidates, args, device, f'batch={args.batch} trainable={trainable:,}')
     base, ours = list(candidates)
-    print(f'ratio GRMPFinetuneModel / straightforward: {medians[ours] / medians[base]:.3f}  (target <= 0.75)')
+    print(f'ratio GRMPFinetuneModel / straightforward: {summary[ours]["seconds"] / summary[base]["seconds"]:.3f}  '
+          '(target <= 0.75)')
 
 
 if __name__ == '__main__':

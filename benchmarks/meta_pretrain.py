@@ -9,12 +9,10 @@ no backbone copy is made (target <= 1.2x). Interleaved, median of several tasks;
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import tempfile
 
 import torch
-from common import measure
+from common import benchmark_parser, prepare, run_side_by_side
 from pyiqa.models import build_model
 
 import pyiqa_grmp  # noqa: F401
@@ -48,19 +46,12 @@ def plain_prompt_training(model) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser = benchmark_parser(__doc__.splitlines()[0], runs=3)
     parser.add_argument('--task-size', type=int, default=20)
     parser.add_argument('--support-batch', type=int, default=16)
     parser.add_argument('--query-batch', type=int, default=4)
-    parser.add_argument('--runs', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+    device = prepare(args)
     with tempfile.TemporaryDirectory() as workdir:
         model = build_model(_options(args, workdir))
     model.feed_data({'images': torch.randint(0, 256, (1, args.task_size, 3, 256, 256), dtype=torch.uint8),
@@ -70,26 +61,12 @@ def main() -> None:
         'plain prompt training': lambda: plain_prompt_training(model),
         'GRMPMetaPromptModel task': lambda: model.optimize_parameters(1),
     }
-    for fn in candidates.values():
-        fn()
-    results = {name: [] for name in candidates}
-    for _ in range(args.runs):
-        for name, fn in candidates.items():
-            results[name].append(measure(fn, device))
-
-    prompts = sum(t.numel() for t in model.theta)
-    print(f'device={device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else os.uname().machine}) '
-          f'backbone={args.backbone} task={args.task_size} images, support batch {args.support_batch}, query batch '
-          f'{args.query_batch}, threads={args.threads} runs={args.runs} prompt parameters={prompts:,} '
-          f'torch={torch.__version__}')
-    medians, peaks = {}, {}
-    for name, runs in results.items():
-        medians[name] = statistics.median(r['seconds'] for r in runs)
-        peaks[name] = max(r['peak_mib'] for r in runs)
-        print(f'{name:<28} median {medians[name]:7.2f} s/task  peak +{peaks[name]:8.1f} MiB')
-    plain, meta = list(candidates)
-    print(f'ratio meta / plain: time {medians[meta] / medians[plain]:.3f}, peak memory '
-          f'{peaks[meta] / peaks[plain]:.3f}  (memory target <= 1.2)')
+    details = (f'task={args.task_size} images, support batch {args.support_batch}, query batch {args.query_batch}, '
+               f'prompt parameters={sum(t.numel() for t in model.theta):,}')
+    summary = run_side_by_side(candidates, args, device, details)
+    plain, meta = (summary[name] for name in candidates)
+    print(f'ratio meta / plain: time {meta["seconds"] / plain["seconds"]:.3f}, peak memory '
+          f'{meta["peak_mib"] / plain["peak_mib"]:.3f}  (memory target <= 1.2)')
 
 
 if __name__ == '__main__':

@@ -10,4 +10,13 @@ __version__ = '0.1.0'
 
 register_all()
 
-__all__ = ['__version__', 'register_all', 'regularize_gradients']
+__all__ = ['__version__', 'compare', 'register_all', 'regularize_gradients']
+
+
+def __getattr__(name: str):
+    """``pyiqa_grmp.compare`` is loaded on first use, so that importing the package stays registration only."""
+    if name == 'compare':
+        from .comparison import compare
+
+        return compare
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

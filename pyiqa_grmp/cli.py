@@ -1,4 +1,5 @@
-"""``pyiqa-grmp``: score images with GRMP-IQA and any pyiqa metric, list metrics, train, run the protocol.
+"""``pyiqa-grmp``: score images with GRMP-IQA and any pyiqa metric, list metrics, train, run the protocol,
+compare metrics on a labelled dataset.
 
 pyiqa's own ``pyiqa`` command never loads plugins; this one imports ``pyiqa_grmp`` first, so ``grmp_iqa``
 and every built-in metric are available side by side.
@@ -6,207 +7,11 @@ and every built-in metric are available side by side.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import sys
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
-import torch
-
-from .data.image_io import ImageReadError, list_images, read_image
-
-#: Pixels (per channel) read before a chunk of images is scored, whatever the batch size.
-MAX_CHUNK_PIXELS = 48_000_000
-
-
-@dataclass
-class ScoreReport:
-    """Scores of every metric on every image, and every failure with its reason."""
-
-    images: List[str]
-    refs: Dict[str, str]
-    metrics: List[str]
-    scores: Dict[str, Dict[str, float]] = field(default_factory=dict)  # image -> metric -> score
-    errors: List[Tuple[str, str, str]] = field(default_factory=list)  # (metric or '*', image or '*', reason)
-
-    def add_error(self, metric: str, image: str, reason: str) -> None:
-        self.errors.append((metric, image, reason))
-
-    def summary(self) -> List[Tuple[str, float, int, int]]:
-        """(metric, mean score, images scored, images failed) per metric."""
-        rows = []
-        for metric in self.metrics:
-            values = [s[metric] for s in self.scores.values() if metric in s]
-            failed = len(self.images) - len(values)
-            mean = sum(values) / len(values) if values else math.nan
-            rows.append((metric, mean, len(values), failed))
-        return rows
-
-
-def _collect(path: str, what: str) -> List[str]:
-    if os.path.isdir(path):
-        found = list_images(path)
-        if not found:
-            raise SystemExit(f'error: no image files found in {what} folder {path}')
-        return found
-    if os.path.isfile(path):
-        return [path]
-    raise SystemExit(f'error: {what} {path} does not exist')
-
-
-def _pair_references(targets: List[str], target_root: str, ref_path: str, report: ScoreReport) -> List[str]:
-    """Match each target with a reference: the same file, or the same relative path / file name in a folder."""
-    if os.path.isfile(ref_path):
-        for target in targets:
-            report.refs[target] = ref_path
-        return targets
-    refs = _collect(ref_path, 'reference')
-    by_relative = {os.path.relpath(r, ref_path): r for r in refs}
-    by_name = {}
-    for r in refs:
-        by_name.setdefault(os.path.basename(r), []).append(r)
-    paired = []
-    for target in targets:
-        relative = os.path.relpath(target, target_root) if os.path.isdir(target_root) else os.path.basename(target)
-        match = by_relative.get(relative)
-        candidates = by_name.get(os.path.basename(target), [])
-        if match is None and len(candidates) == 1:
-            match = candidates[0]
-        if match is None:
-            report.add_error('*', target, f'no reference image with the same name in {ref_path}')
-        else:
-            report.refs[target] = match
-            paired.append(target)
-    return paired
-
-
-def _as_scores(output: object, count: int) -> List[float]:
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    values = torch.as_tensor(output).detach().float().cpu().reshape(-1).tolist()
-    if len(values) != count:
-        raise RuntimeError(f'metric returned {len(values)} values for {count} images')
-    return values
-
-
-def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
-    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts)."""
-    import yaml
-
-    options: Dict[str, Dict[str, object]] = {}
-    for spec in specs:
-        name, sep, assignment = spec.partition(':')
-        key, eq, value = assignment.partition('=')
-        if not (sep and eq and name and key):
-            raise SystemExit(f'error: --metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
-        try:
-            options.setdefault(name, {})[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise SystemExit(f'error: --metric-opt {spec!r}: value is not valid YAML ({error})') from error
-    return options
-
-
-def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
-                 batch_size: int = 8, progress: bool = True,
-                 metric_options: Optional[Dict[str, Dict[str, object]]] = None) -> ScoreReport:
-    """Score every image under ``target`` with every metric; failures are recorded, never raised or skipped.
-
-    Images are decoded once, grouped into batches of equal size, and a failing batch is retried image by image
-    so that one bad image only costs its own score.
-    """
-    import pyiqa
-    from tqdm import tqdm
-
-    images = _collect(target, 'target')
-    report = ScoreReport(images=images, refs={}, metrics=list(metric_names))
-    scorable = _pair_references(images, target, ref, report) if ref else images
-    metric_options = metric_options or {}
-    unknown = sorted(set(metric_options) - set(metric_names))
-    if unknown:
-        raise SystemExit(f'error: --metric-opt names metrics that are not scored: {unknown}')
-    metrics = OrderedDict()
-    for name in metric_names:
-        try:
-            metric = pyiqa.create_metric(name, device=device, **metric_options.get(name, {}))
-        except Exception as error:
-            report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
-            continue
-        if metric.metric_mode == 'FR' and not ref:
-            report.add_error(name, '*', 'full-reference metric: give reference images with -r')
-            continue
-        metrics[name] = metric
-
-    bar = tqdm(total=len(scorable), disable=not progress, desc='scoring', unit='img', file=sys.stderr)
-    chunk: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]] = []
-    chunk_pixels = read_since_flush = 0
-    for index, path in enumerate(scorable):
-        read_since_flush += 1
-        try:
-            image = read_image(path)
-            reference = read_image(report.refs[path]) if ref else None
-            chunk.append((path, image, reference))
-            chunk_pixels += image[0].numel()
-        except ImageReadError as error:
-            report.add_error('*', path, str(error))
-        # A chunk holds at most batch_size images and about MAX_CHUNK_PIXELS pixels, so memory stays bounded
-        # whatever the image sizes.
-        if len(chunk) == batch_size or chunk_pixels >= MAX_CHUNK_PIXELS or index == len(scorable) - 1:
-            _score_chunk(chunk, metrics, report)
-            bar.update(read_since_flush)
-            chunk, chunk_pixels, read_since_flush = [], 0, 0
-    bar.close()
-    return report
-
-
-def _score_chunk(chunk, metrics, report: ScoreReport) -> None:
-    """Score images of equal size together (pyiqa metrics take one tensor per call)."""
-    groups: Dict[tuple, list] = OrderedDict()
-    for item in chunk:
-        _, image, reference = item
-        key = (tuple(image.shape), None if reference is None else tuple(reference.shape))
-        groups.setdefault(key, []).append(item)
-    for group in groups.values():
-        for name, metric in metrics.items():
-            _score_group(name, metric, group, report)
-
-
-def _score_group(name: str, metric, group, report: ScoreReport) -> None:
-    def run(items) -> List[float]:
-        target = torch.stack([image for _, image, _ in items])
-        if metric.metric_mode == 'FR':
-            return _as_scores(metric(target, torch.stack([r for _, _, r in items])), len(items))
-        return _as_scores(metric(target), len(items))
-
-    try:
-        batches = [(group, run(group))]
-    except Exception:
-        batches = []
-        for item in group:
-            try:
-                batches.append(([item], run([item])))
-            except Exception as error:
-                report.add_error(name, item[0], f'{type(error).__name__}: {error}')
-    for items, values in batches:
-        for (path, _, _), value in zip(items, values):
-            report.scores.setdefault(path, {})[name] = value
-
-
-def write_csv(report: ScoreReport, path: str) -> None:
-    """One row per image: its scores per metric and the reasons of any failure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', newline='') as handle:
-        writer = csv.writer(handle)
-        writer.writerow(['image', 'reference', *report.metrics, 'errors'])
-        for image in report.images:
-            scores = report.scores.get(image, {})
-            reasons = [f'{m}: {r}' if m != '*' else r for m, i, r in report.errors if i in (image, '*')]
-            writer.writerow([image, report.refs.get(image, ''),
-                             *[f'{scores[m]:.6g}' if m in scores else '' for m in report.metrics],
-                             ' | '.join(reasons)])
-
+from .comparison import add_compare_parser
+from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
 
 def _print_report(report: ScoreReport, verbose: bool) -> None:
     width = max([len(m) for m in report.metrics] + [6])
@@ -313,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument('--seed', type=int, default=0)
     synthetic.add_argument('--size', type=int, default=256)
     synthetic.set_defaults(handler=_cmd_make_synthetic)
+
+    add_compare_parser(commands)
     return parser
 
 

@@ -96,3 +96,9 @@ def test_benchmark_config_names_the_arch_and_only_its_options():
         assert ARCH_REGISTRY.get(options.pop('type')) is GRMPIQA
         assert set(options) <= accepted
         assert entry['metric_mode'] == 'NR'
+
+
+def test_compare_is_a_function_of_the_package():
+    import pyiqa_grmp.cli  # noqa: F401  (imports the comparison module, which must not shadow the function)
+
+    assert callable(pyiqa_grmp.compare) and pyiqa_grmp.compare.__name__ == 'compare'

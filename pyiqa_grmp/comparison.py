@@ -1,7 +1,6 @@
 """Side-by-side comparison of GRMP-IQA and any pyiqa metric on one labelled dataset.
 
-Every metric scores exactly the same images (each file decoded once by :func:`read_image`) against the same
-labels, and is judged by SRCC, KRCC, PLCC and PLCC after the standard 4-parameter logistic fit. Nothing is
+Every metric scores exactly the same images (each file decoded once) against the same labels, and is judged by SRCC, KRCC, PLCC and PLCC after the standard 4-parameter logistic fit. Nothing is
 skipped silently: a metric that cannot be created, an image that cannot be read and an image a metric fails on
 are all counted and explained in the table.
 
@@ -21,17 +20,15 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .data.fewshot_dataset import few_shot_split
-from .data.image_io import ImageReadError, read_image
+from .scoring import ScoreReport, parse_metric_options, score_paths
 
-if TYPE_CHECKING:  # .cli is imported where used, so cli.py may import this module at its top
-    from .cli import ScoreReport
 
 RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
                   'lower_better', 'error']
@@ -205,7 +202,8 @@ def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False
     if len(pred) < 3:
         result['error'] = f'correlations need at least 3 scored images, got {len(pred)}'
     elif np.ptp(pred) == 0:
-        result['error'] = f'the scores are constant ({pred[0]:.6g} on every image), so correlations are undefined'
+        result['error'] = (f'the scores are constant ({float(np.asarray(scores)[0]):.6g} on every image), so '
+                           'correlations are undefined')
     elif np.ptp(labels) == 0:
         result['error'] = 'the labels are constant, so correlations are undefined'
     if result['error']:
@@ -277,33 +275,9 @@ def _create_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, obj
 def _score_all(data: LabelledImages, metrics: Dict[str, _TimedMetric], batch_size: int, progress: bool,
                report: ScoreReport) -> None:
     """Decode each image once and score it with every metric, in batches of equal-size images."""
-    from tqdm import tqdm
-
-    from .cli import MAX_CHUNK_PIXELS, _score_chunk
-
     needs_references = any(m.metric_mode == 'FR' for m in metrics.values())
-    bar = tqdm(total=len(data.images), disable=not progress, desc='comparing', unit='img', file=sys.stderr)
-    chunk: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]] = []
-    chunk_pixels = read_since_flush = 0
-    for index, path in enumerate(data.images):
-        read_since_flush += 1
-        try:
-            image = read_image(path)
-            reference = None
-            if needs_references:
-                try:
-                    reference = read_image(data.references[index])
-                except ImageReadError as error:
-                    raise ImageReadError(f'reference of {path}: {error}') from error
-            chunk.append((path, image, reference))
-            chunk_pixels += image[0].numel()
-        except ImageReadError as error:
-            report.add_error('*', path, str(error))
-        if len(chunk) == batch_size or chunk_pixels >= MAX_CHUNK_PIXELS or index == len(data.images) - 1:
-            _score_chunk(chunk, metrics, report)
-            bar.update(read_since_flush)
-            chunk, chunk_pixels, read_since_flush = [], 0, 0
-    bar.close()
+    reference_of = (lambda index, path: data.references[index]) if needs_references else None
+    score_paths(data.images, metrics, report, batch_size, progress, reference_of, desc='comparing')
 
 
 def _failure_text(failures: List[Tuple[str, str]], total: int) -> str:
@@ -483,8 +457,6 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
                                 split_seed=split_seed, num_shots=num_shots, train_ratio=train_ratio,
                                 mos_lower_better=mos_lower_better)
 
-    from .cli import ScoreReport
-
     report = ScoreReport(images=data.images, refs={}, metrics=names)
     created = _create_metrics(names, metric_options, device, data.references is not None, report)
     if created:
@@ -530,8 +502,6 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_compare_command(args: argparse.Namespace) -> int:
     """Run ``pyiqa-grmp compare``: print the table; 0, or 1 when any metric or image failed."""
-    from .cli import parse_metric_options
-
     try:
         table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
                         root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
