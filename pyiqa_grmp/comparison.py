@@ -1,8 +1,9 @@
 """Side-by-side comparison of GRMP-IQA and any pyiqa metric on one labelled dataset.
 
-Every metric scores exactly the same images (each file decoded once) against the same labels, and is judged by SRCC, KRCC, PLCC and PLCC after the standard 4-parameter logistic fit. Nothing is
-skipped silently: a metric that cannot be created, an image that cannot be read and an image a metric fails on
-are all counted and explained in the table.
+Every metric scores exactly the same images (each file decoded once) against the same labels, and is judged
+by SRCC, KRCC, PLCC and PLCC after the standard 4-parameter logistic fit. Nothing is skipped silently: a
+metric that cannot be created, an image that cannot be read and an image a metric fails on are all counted and
+explained in the table.
 
 Sign convention: before any correlation is computed, the scores of metrics with ``lower_better`` (e.g. piqe,
 niqe) are negated, and so are lower-better labels (DMOS: pyiqa dataset infos with ``lower_better: true``, or

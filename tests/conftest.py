@@ -46,3 +46,13 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp('ckpt') / 'net_best.pth'
     torch.save({'params': make_tiny_model(seed=3).state_dict()}, path)
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def synthetic_workdir(tmp_path_factory):
+    """A working directory holding the synthetic dataset (128 px) where the smoke configs expect it."""
+    from pyiqa_grmp.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp('work')
+    make_synthetic_dataset(str(root / 'datasets' / 'synthetic'), seed=0, size=128)
+    return root

@@ -63,3 +63,36 @@ def reference_score(model, images: torch.Tensor) -> torch.Tensor:
     text = model._encode_text_embeddings(prompts, model.prompt_learner.token_ids)
     logits = model.clip.logit_scale.exp() * image_features @ text.t()
     return logits.softmax(-1)[:, :1]
+
+
+def training_options(config_path, workdir, **train_overrides) -> Dict:
+    """A smoke YAML as pyiqa's option parser would leave it, with data under ``workdir`` and experiments in
+    ``workdir/unit`` (for building models directly, without ``train_pipeline``)."""
+    import os
+
+    import yaml
+    from pyiqa.utils.options import make_paths
+
+    def rooted(value):
+        if isinstance(value, dict):
+            return {key: rooted(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [rooted(item) for item in value]
+        if isinstance(value, str) and value.startswith('datasets/'):
+            return os.path.join(str(workdir), value)
+        return value
+
+    opt = yaml.safe_load(open(config_path).read())
+    opt['datasets'] = rooted(opt['datasets'])
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
+    for key, value in train_overrides.items():
+        if isinstance(value, dict) and isinstance(opt['train'].get(key), dict):
+            opt['train'][key] = {**opt['train'][key], **value}
+        else:
+            opt['train'][key] = value
+    make_paths(opt, os.path.join(str(workdir), 'unit'))
+    os.makedirs(opt['path']['models'], exist_ok=True)
+    os.makedirs(opt['path']['training_states'], exist_ok=True)
+    return opt

@@ -11,8 +11,8 @@ import torch
 import yaml
 from PIL import Image
 from pyiqa.models import build_model
-from pyiqa.utils.options import make_paths
 
+from grmp_test_utils import training_options
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
@@ -105,25 +105,8 @@ def test_unmatched_file_name_is_reported(kadid_like, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- model
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('meta')
-    make_synthetic_dataset(str(root / 'datasets' / 'synthetic'), seed=0, size=128)
-    return root
-
-
-def _options(workdir, **meta):
-    opt = yaml.safe_load(META_CONFIG.read_text())
-    for phase, dataset in opt['datasets'].items():
-        dataset['phase'] = phase
-        for source in dataset['sources']:
-            source['meta_info_file'] = str(workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv')
-            source['dataroot_target'] = str(workdir / 'datasets' / 'synthetic')
-    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False)
-    opt['train']['meta'].update(meta)
-    make_paths(opt, str(workdir / 'unit'))
-    os.makedirs(opt['path']['models'], exist_ok=True)
-    return opt
+def _options(synthetic_workdir, **meta):
+    return training_options(META_CONFIG, synthetic_workdir, meta=meta)
 
 
 def _feed_task(model, opt, index=0):
@@ -135,8 +118,8 @@ def _feed_task(model, opt, index=0):
                      'num_source_tasks': torch.tensor([task['num_source_tasks']])})
 
 
-def test_outer_step_moves_theta_by_exactly_beta_toward_the_snapshot_mean(workdir):
-    model = build_model(_options(workdir, outer_step=0.25))
+def test_outer_step_moves_theta_by_exactly_beta_toward_the_snapshot_mean(synthetic_workdir):
+    model = build_model(_options(synthetic_workdir, outer_step=0.25))
     theta = [torch.randn_like(t) for t in model.theta]
     snapshots = [[torch.randn_like(t) for t in model.theta] for _ in range(3)]
     model.theta = [t.clone() for t in theta]
@@ -149,8 +132,8 @@ def test_outer_step_moves_theta_by_exactly_beta_toward_the_snapshot_mean(workdir
     assert model.snapshot_sums == {}
 
 
-def test_a_task_changes_only_the_prompt_tensors(workdir):
-    opt = _options(workdir)
+def test_a_task_changes_only_the_prompt_tensors(synthetic_workdir):
+    opt = _options(synthetic_workdir)
     model = build_model(opt)
     net = model.get_bare_model(model.net)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -160,8 +143,8 @@ def test_a_task_changes_only_the_prompt_tensors(workdir):
     assert changed == {n for n in before if n.startswith(('prompt_learner.', 'visual_prompts.'))}
 
 
-def test_meta_state_holds_only_prompt_tensors(workdir):
-    opt = _options(workdir)
+def test_meta_state_holds_only_prompt_tensors(synthetic_workdir):
+    opt = _options(synthetic_workdir)
     model = build_model(opt)
     net = model.get_bare_model(model.net)
     prompt_count = sum(p.numel() for n, p in net.named_parameters() if n.startswith(('prompt_learner.',
@@ -173,8 +156,8 @@ def test_meta_state_holds_only_prompt_tensors(workdir):
 
 
 @pytest.mark.parametrize('mode', ['reptile', 'official'])
-def test_each_task_starts_from_theta_only_in_reptile_mode(workdir, mode, monkeypatch):
-    opt = _options(workdir, mode=mode, outer_step=0.5)
+def test_each_task_starts_from_theta_only_in_reptile_mode(synthetic_workdir, mode, monkeypatch):
+    opt = _options(synthetic_workdir, mode=mode, outer_step=0.5)
     model = build_model(opt)
     starts = []
     original = model._inner_step
@@ -196,17 +179,17 @@ def test_each_task_starts_from_theta_only_in_reptile_mode(workdir, mode, monkeyp
         assert starts_from_theta == (mode == 'reptile' or iteration == 1)
 
 
-def test_unknown_meta_mode_fails_before_training(workdir):
+def test_unknown_meta_mode_fails_before_training(synthetic_workdir):
     with pytest.raises(TrainingConfigError, match='meta.mode'):
-        build_model(_options(workdir, mode='maml'))
+        build_model(_options(synthetic_workdir, mode='maml'))
 
 
-def test_smoke_meta_pretraining_checkpoint_serves_metric_and_finetuning(workdir):
+def test_smoke_meta_pretraining_checkpoint_serves_metric_and_finetuning(synthetic_workdir):
     cwd = os.getcwd()
-    os.chdir(workdir)
+    os.chdir(synthetic_workdir)
     try:
         assert main(['train', '-opt', str(META_CONFIG)]) == 0
-        best = workdir / 'experiments' / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'
+        best = synthetic_workdir / 'experiments' / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'
         assert best.is_file()
         assert main(['train', '-opt', str(CONFIGS / 'smoke' / 'finetune_from_meta_synthetic.yml'),
                      '--force_yml', 'train:total_epoch=2', 'val:val_freq=2']) == 0

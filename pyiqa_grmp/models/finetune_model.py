@@ -101,7 +101,8 @@ class GRMPFinetuneModel(GRMPBaseModel):
         visual_depth = len(net.clip.visual.transformer.resblocks)
         text_depth = len(net.clip.transformer.resblocks)
         prefixes = list(self.trainable_opt['names'] or [])
-        prefixes += [f'clip.visual.transformer.resblocks.{i}.' for i in range(max(0, visual_depth - last), visual_depth)]
+        prefixes += [f'clip.visual.transformer.resblocks.{i}.' for i in range(max(0, visual_depth - last),
+                                                                               visual_depth)]
         prefixes += [f'clip.transformer.resblocks.{i}.' for i in range(max(0, text_depth - last), text_depth)]
         names = [n for n, _ in net.named_parameters()]
         unmatched = [p for p in self.trainable_opt['names'] or [] if not any(n.startswith(p) for n in names)]
