@@ -46,12 +46,12 @@ def measure(fn: Callable[[], object], device: torch.device) -> Dict[str, float]:
     return {'seconds': time.perf_counter() - start, 'peak_mib': peak}
 
 
-def benchmark_parser(description: str, runs: int) -> argparse.ArgumentParser:
+def benchmark_parser(description: str, runs: int, warmup: int = 1) -> argparse.ArgumentParser:
     """The options every benchmark takes: backbone, runs, warm-up, threads, device."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
     parser.add_argument('--runs', type=int, default=runs)
-    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--warmup', type=int, default=warmup)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return parser

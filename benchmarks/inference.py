@@ -15,7 +15,7 @@ from pyiqa_grmp.archs.grmp_arch import GRMPIQA
 
 
 def main() -> None:
-    parser = benchmark_parser(__doc__.splitlines()[0], runs=7)
+    parser = benchmark_parser(__doc__.splitlines()[0], runs=7, warmup=2)
     parser.add_argument('--batch', type=int, default=4)
     args = parser.parse_args()
     device = prepare(args)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from .comparison import add_compare_parser
 from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
 
+
 def _print_report(report: ScoreReport, verbose: bool) -> None:
     width = max([len(m) for m in report.metrics] + [6])
     if verbose:
