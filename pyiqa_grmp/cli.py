@@ -128,10 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``pyiqa-grmp`` console script; returns the exit status."""
     import pyiqa_grmp  # noqa: F401  (registers grmp_iqa with pyiqa)
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, 'batch_size', 1) < 1:
-        raise SystemExit('error: --batch-size must be >= 1')
-    return args.handler(args)
+        parser.error('--batch-size must be >= 1')
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input or configuration: the message says what
+        print(f'pyiqa-grmp {args.command}: error: {error}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

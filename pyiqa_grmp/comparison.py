@@ -503,14 +503,11 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_compare_command(args: argparse.Namespace) -> int:
     """Run ``pyiqa-grmp compare``: print the table; 0, or 1 when any metric or image failed."""
-    try:
-        table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
-                        root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
-                        train_ratio=args.train_ratio, mos_lower_better=args.mos_lower_better,
-                        metric_options=parse_metric_options(args.metric_opt), device=args.device,
-                        batch_size=args.batch_size, out_dir=args.out, progress=True)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f'error: {error}') from error
+    table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
+                    root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
+                    train_ratio=args.train_ratio, mos_lower_better=args.mos_lower_better,
+                    metric_options=parse_metric_options(args.metric_opt), device=args.device,
+                    batch_size=args.batch_size, out_dir=args.out, progress=True)
     print(results_markdown(table, table.attrs['description']))
     print(f'wrote {os.path.join(args.out, "results.csv")}, results.md, per_image.csv and scatter.png')
     failed = table[table['failed'] > 0]

@@ -46,11 +46,11 @@ def _collect(path: str, what: str) -> List[str]:
     if os.path.isdir(path):
         found = list_images(path)
         if not found:
-            raise SystemExit(f'error: no image files found in {what} folder {path}')
+            raise FileNotFoundError(f'no image files found in {what} folder {path}')
         return found
     if os.path.isfile(path):
         return [path]
-    raise SystemExit(f'error: {what} {path} does not exist')
+    raise FileNotFoundError(f'{what} {path} does not exist')
 
 
 def _pair_references(targets: List[str], target_root: str, ref_path: str, report: ScoreReport) -> List[str]:
@@ -97,11 +97,11 @@ def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
         name, sep, assignment = spec.partition(':')
         key, eq, value = assignment.partition('=')
         if not (sep and eq and name and key):
-            raise SystemExit(f'error: --metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
+            raise ValueError(f'--metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
         try:
             options.setdefault(name, {})[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as error:
-            raise SystemExit(f'error: --metric-opt {spec!r}: value is not valid YAML ({error})') from error
+            raise ValueError(f'--metric-opt {spec!r}: value is not valid YAML ({error})') from error
     return options
 
 
@@ -121,7 +121,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     metric_options = metric_options or {}
     unknown = sorted(set(metric_options) - set(metric_names))
     if unknown:
-        raise SystemExit(f'error: --metric-opt names metrics that are not scored: {unknown}')
+        raise ValueError(f'--metric-opt names metrics that are not scored: {unknown}')
     metrics = OrderedDict()
     for name in metric_names:
         try:

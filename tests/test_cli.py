@@ -133,7 +133,7 @@ def test_unavailable_metric_is_reported_and_the_others_still_run(tmp_path, capsy
 def test_metric_options_are_parsed_as_yaml():
     options = parse_metric_options(['m:a=3', 'm:b=true', 'm:c=null', 'm:d=[1, 2]', 'm:e={x: 1}', 'm:f=path/x.pth'])
     assert options == {'m': {'a': 3, 'b': True, 'c': None, 'd': [1, 2], 'e': {'x': 1}, 'f': 'path/x.pth'}}
-    with pytest.raises(SystemExit, match='NAME:KEY=VALUE'):
+    with pytest.raises(ValueError, match='NAME:KEY=VALUE'):
         parse_metric_options(['broken'])
 
 
@@ -144,6 +144,6 @@ def test_list_command_of_the_installed_script_includes_ours():
     assert result.returncode == 0 and 'grmp_iqa' in names and 'piqe' in names and 'psnr' not in names
 
 
-def test_missing_target_is_a_usage_error(tmp_path):
-    with pytest.raises(SystemExit, match='does not exist'):
-        main(['score', 'entropy', '-t', str(tmp_path / 'nothing_here')])
+def test_missing_target_is_a_usage_error(tmp_path, capsys):
+    assert main(['score', 'entropy', '-t', str(tmp_path / 'nothing_here')]) == 2
+    assert 'nothing_here does not exist' in capsys.readouterr().err
