@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .data.fewshot_dataset import few_shot_split
-from .scoring import ScoreReport, parse_metric_options, score_paths
+from .scoring import ScoreReport, create_metrics, parse_metric_options, score_paths
 
 
 RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
@@ -255,22 +255,12 @@ def split_metric_name(name: str) -> Tuple[str, str]:
 
 def _create_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, object]], device: Optional[str],
                     has_references: bool, report: ScoreReport) -> Dict[str, _TimedMetric]:
-    """Create every metric that can be; each one that cannot is recorded in ``report`` with the reason."""
-    import pyiqa
-
-    metrics: Dict[str, _TimedMetric] = OrderedDict()
-    for name in names:
-        try:
-            metric = pyiqa.create_metric(split_metric_name(name)[0], device=device, **options.get(name, {}))
-        except Exception as error:
-            report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
-            continue
-        if metric.metric_mode == 'FR' and not has_references:
-            report.add_error(name, '*', 'full-reference metric, but the data has no reference images (only pyiqa '
-                                        'FR dataset infos, via dataset=, provide them)')
-            continue
-        metrics[name] = _TimedMetric(metric)
-    return metrics
+    """Create every metric that can be (timed); each one that cannot is recorded in ``report`` with the reason."""
+    missing = None if has_references else ('full-reference metric, but the data has no reference images (only '
+                                            'pyiqa FR dataset infos, via dataset=, provide them)')
+    created = create_metrics(names, dict(options), device, report, missing_references=missing,
+                             pyiqa_name=lambda name: split_metric_name(name)[0])
+    return OrderedDict((name, _TimedMetric(metric)) for name, metric in created.items())
 
 
 def _score_all(data: LabelledImages, metrics: Dict[str, _TimedMetric], batch_size: int, progress: bool,

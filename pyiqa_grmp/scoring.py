@@ -105,6 +105,30 @@ def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
     return options
 
 
+def create_metrics(names: Sequence[str], options: Dict[str, Dict[str, object]], device: Optional[str],
+                   report: ScoreReport, missing_references: Optional[str] = None,
+                   pyiqa_name: Callable[[str], str] = lambda name: name) -> Dict[str, object]:
+    """Create every metric that can be; each one that cannot is recorded in ``report`` with the reason.
+
+    ``missing_references`` (when the data has none) is the reason recorded for full-reference metrics;
+    ``pyiqa_name`` maps a row name (e.g. ``NAME@TAG``) to the name pyiqa knows.
+    """
+    import pyiqa
+
+    metrics: Dict[str, object] = OrderedDict()
+    for name in names:
+        try:
+            metric = pyiqa.create_metric(pyiqa_name(name), device=device, **options.get(name, {}))
+        except Exception as error:
+            report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
+            continue
+        if metric.metric_mode == 'FR' and missing_references:
+            report.add_error(name, '*', missing_references)
+            continue
+        metrics[name] = metric
+    return metrics
+
+
 def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
                  batch_size: int = 8, progress: bool = True,
                  metric_options: Optional[Dict[str, Dict[str, object]]] = None) -> ScoreReport:
@@ -113,8 +137,6 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     Images are decoded once, grouped into batches of equal size, and a failing batch is retried image by image
     so that one bad image only costs its own score.
     """
-    import pyiqa
-
     images = _collect(target, 'target')
     report = ScoreReport(images=images, refs={}, metrics=list(metric_names))
     scorable = _pair_references(images, target, ref, report) if ref else images
@@ -122,18 +144,9 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     unknown = sorted(set(metric_options) - set(metric_names))
     if unknown:
         raise ValueError(f'--metric-opt names metrics that are not scored: {unknown}')
-    metrics = OrderedDict()
-    for name in metric_names:
-        try:
-            metric = pyiqa.create_metric(name, device=device, **metric_options.get(name, {}))
-        except Exception as error:
-            report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
-            continue
-        if metric.metric_mode == 'FR' and not ref:
-            report.add_error(name, '*', 'full-reference metric: give reference images with -r')
-            continue
-        metrics[name] = metric
-
+    metrics = create_metrics(metric_names, metric_options, device, report,
+                             missing_references='full-reference metric: give reference images with -r' if not ref
+                             else None)
     reference_of = (lambda index, path: report.refs[path]) if ref else None
     score_paths(scorable, metrics, report, batch_size, progress, reference_of)
     return report

@@ -109,17 +109,15 @@ def evaluate_checkpoint(network_opt: dict, checkpoint: str, dataset_opt: dict, d
     from pyiqa.data import build_dataset
     from scipy import stats
 
+    from .models.base_model import predict_loader
+
     network_opt = copy.deepcopy(network_opt)
     network_opt.update(pretrained=True, pretrained_model_path=checkpoint)
     net = build_network(network_opt).to(device).eval()
     dataset = build_dataset(copy.deepcopy(dataset_opt))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    predicted, labels = [], []
-    with torch.no_grad():
-        for batch in loader:
-            predicted.append(net(batch['img'].to(device)).float().cpu().flatten())
-            labels.append(batch['mos_label'].float().flatten())
-    pred, mos = torch.cat(predicted).numpy(), torch.cat(labels).numpy()
+    result = predict_loader(net, loader, device)
+    pred, mos = result['pred'], result['mos']
     return {'srcc': float(stats.spearmanr(pred, mos)[0]), 'plcc': float(stats.pearsonr(pred, mos)[0]),
             'krcc': float(stats.kendalltau(pred, mos)[0]), 'num_test': int(len(mos))}
 

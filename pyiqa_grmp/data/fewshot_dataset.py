@@ -22,6 +22,13 @@ from .image_io import read_image
 LABEL_NORMS = ('minmax_per_subset', 'mos_range', 'none')
 
 
+def stored_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] squashed to size x size (bicubic) and stored as uint8, like the official
+    pre-resized .mat files; datasets keep images in this form and hand them out as ``stored / 255``."""
+    resized = square_resize(image.unsqueeze(0), size)[0]
+    return (resized.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 class DatasetConfigError(ValueError):
     """A few-shot dataset option is invalid; raised while building the dataset, before any training."""
 
@@ -148,8 +155,7 @@ class FewShotNRDataset(GeneralNRDataset):
                 tensor = self.trans(image.convert('RGB'))
         else:
             tensor = read_image(path)
-        resized = square_resize(tensor.unsqueeze(0), self.resize)[0]
-        return (resized.clamp(0, 1) * 255).round().to(torch.uint8)
+        return stored_square(tensor, self.resize)
 
     def __getitem__(self, index: int) -> dict:
         if self.cache_images and not self._augmented:

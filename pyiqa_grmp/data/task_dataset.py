@@ -19,8 +19,7 @@ import pandas as pd
 import torch
 from torch.utils import data
 
-from ..archs.grmp_arch import square_resize
-from .fewshot_dataset import DatasetConfigError
+from .fewshot_dataset import DatasetConfigError, stored_square
 from .image_io import read_image
 
 #: KADID-10k ``I01_03_02.png`` and TID2013 ``i01_03_2.bmp``: reference, type, level.
@@ -132,8 +131,7 @@ class DistortionTaskDataset(data.Dataset):
         return [(path, float((mos - values.min()) / span)) for path, mos in items]
 
     def _load(self, path: str) -> torch.Tensor:
-        resized = square_resize(read_image(path).unsqueeze(0), self.resize)[0]
-        return (resized.clamp(0, 1) * 255).round().to(torch.uint8)
+        return stored_square(read_image(path), self.resize)
 
     def __len__(self) -> int:
         return len(self.tasks) if self.phase == 'train' else len(self.held_out)

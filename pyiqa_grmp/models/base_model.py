@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+from pyiqa.losses import build_loss
 from pyiqa.metrics import calculate_metric
 from pyiqa.models.general_iqa_model import GeneralIQAModel
 from pyiqa.utils import get_root_logger
@@ -37,6 +38,19 @@ def merged_options(defaults: dict, given: Optional[dict], what: str) -> dict:
     return {**defaults, **given}
 
 
+def predict_loader(net: nn.Module, dataloader, device) -> Dict[str, np.ndarray]:
+    """Scores ('pred') and labels ('mos') of every batch of an NR loader, in eval mode; the mode is restored."""
+    was_training = net.training
+    net.eval()
+    predicted, labels = [], []
+    with torch.no_grad():
+        for batch in dataloader:
+            predicted.append(net(batch['img'].to(device)).float().cpu().flatten())
+            labels.append(batch['mos_label'].float().flatten())
+    net.train(was_training)
+    return {'pred': torch.cat(predicted).numpy(), 'mos': torch.cat(labels).numpy()}
+
+
 class GRMPBaseModel(GeneralIQAModel):
     """Base of the GRMP-IQA training models (not registered itself)."""
 
@@ -58,6 +72,17 @@ class GRMPBaseModel(GeneralIQAModel):
         get_root_logger().info(f'Loading GRMP-IQA weights from {load_path}')
         self.get_bare_model(net).load_checkpoint(load_path)
 
+    def build_quality_loss(self) -> nn.Module:
+        """``train.quality_loss_opt`` (default ``GRMPQualityLoss``), through pyiqa's LOSS_REGISTRY."""
+        loss_opt = dict(self.opt['train'].get('quality_loss_opt') or {'type': 'GRMPQualityLoss'})
+        return build_loss(loss_opt).to(self.device)
+
+    def setup_optimizers(self) -> None:
+        """pyiqa's optimizer over the parameters that require gradients, from a copy of ``train.optim`` (pyiqa
+        pops keys from it, and the protocol builds one model per run from the same options)."""
+        self.opt['train']['optim'] = dict(self.opt['train']['optim'])
+        super().setup_optimizers()
+
     def setup_schedulers(self, scheduler_name: str = 'scheduler') -> None:
         """A pyiqa scheduler is optional for these models."""
         if self.opt['train'].get(scheduler_name):
@@ -65,15 +90,7 @@ class GRMPBaseModel(GeneralIQAModel):
 
     def predict(self, dataloader) -> Dict[str, np.ndarray]:
         """Scores and labels of a whole loader, in eval mode."""
-        net = self.get_bare_model(self.net)
-        net.eval()
-        predicted, labels = [], []
-        with torch.no_grad():
-            for batch in dataloader:
-                predicted.append(net(batch['img'].to(self.device)).float().cpu())
-                labels.append(batch['mos_label'].float())
-        net.train()
-        return {'pred': torch.cat(predicted).squeeze(1).numpy(), 'mos': torch.cat(labels).squeeze(1).numpy()}
+        return predict_loader(self.get_bare_model(self.net), dataloader, self.device)
 
     def validate_and_select(self, dataloader, current_iter: int, tb_logger) -> bool:
         """Compute ``val.metrics``; save ``net_best.pth`` when the sum of ``select_by`` beats the best so far."""

@@ -80,15 +80,12 @@ class GRMPFinetuneModel(GRMPBaseModel):
         super().__init__(opt)
 
     # ----------------------------------------------------------------------------------------- set-up
-
     def init_training_settings(self) -> None:
-        train_opt = self.opt['train']
         net = self.get_bare_model(self.net)
         self.trainable_params = self._set_trainable(net)
         net.train()
         self.teacher = SceneTeacher(net).to(self.device)
-        self.cri_quality = build_loss(dict(train_opt.get('quality_loss_opt') or {'type': 'GRMPQualityLoss'}))
-        self.cri_quality = self.cri_quality.to(self.device)
+        self.cri_quality = self.build_quality_loss()
         self.cri_scene = build_loss({'type': 'GRMPSceneLoss', 'temperature': self.grad_reg['temperature']})
         self.setup_optimizers()
         self.setup_schedulers()
@@ -118,10 +115,6 @@ class GRMPFinetuneModel(GRMPBaseModel):
         count = sum(p.numel() for p in trainable)
         get_root_logger().info(f'GRMP fine-tuning: {len(trainable)} trainable tensors, {count:,} parameters')
         return trainable
-
-    def setup_optimizers(self) -> None:
-        self.opt['train']['optim'] = dict(self.opt['train']['optim'])
-        super().setup_optimizers()
 
     # ---------------------------------------------------------------------------------------- training
     def _autocast(self):

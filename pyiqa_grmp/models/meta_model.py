@@ -17,7 +17,6 @@ from collections import OrderedDict
 from typing import Dict, Iterator, List
 
 import torch
-from pyiqa.losses import build_loss
 from pyiqa.utils import get_root_logger
 
 from ..archs.grmp_arch import random_crop_and_flip, square_resize
@@ -56,7 +55,6 @@ class GRMPMetaPromptModel(GRMPBaseModel):
 
     def init_training_settings(self) -> None:
         net = self.get_bare_model(self.net)
-        self.prompt_names = [n for n, _ in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith(PROMPT_PREFIXES))
         self.prompt_params = [p for n, p in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
@@ -64,12 +62,9 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         self.snapshot_sums: Dict[int, List[torch.Tensor]] = {}
         self.snapshot_counts: Dict[int, int] = {}
         self.generator = torch.Generator().manual_seed(int(self.meta['seed']))
-        self.cri_quality = build_loss(dict(self.opt['train'].get('quality_loss_opt') or {'type': 'GRMPQualityLoss'}))
+        self.cri_quality = self.build_quality_loss()
         net.train()
-        self.opt['train']['optim'] = dict(self.opt['train']['optim'])
-        optim_type = self.opt['train']['optim'].pop('type')
-        self.optimizer = self.get_optimizer(optim_type, self.prompt_params, **self.opt['train']['optim'])
-        self.optimizers.append(self.optimizer)
+        self.setup_optimizers()  # over the prompt tensors, the only parameters that require gradients
         self.setup_schedulers()
         count = sum(p.numel() for p in self.prompt_params)
         get_root_logger().info(f'GRMP meta-prompt pre-training ({self.meta["mode"]}): {len(self.prompt_params)} '
@@ -84,7 +79,6 @@ class GRMPMetaPromptModel(GRMPBaseModel):
             raise TrainingConfigError('meta-training takes one task per iteration: set batch_size_per_gpu: 1')
         self.task_images = data['images'][0].to(self.device)
         self.task_mos = data['mos'][0].float().to(self.device)
-        self.task_name = data['task'][0]
         self.task_source = int(data['source'][0])
         self.source_size = int(data['num_source_tasks'][0])
 
