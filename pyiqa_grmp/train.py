@@ -48,7 +48,12 @@ def _cpu_capable_resume() -> Iterator[None]:
 
 
 def parse_training_options(argv: Sequence[str], root_path: str) -> tuple:
-    """pyiqa's option parsing (``-opt``, ``--auto_resume``, ``--force_yml``, ...) on ``argv``, then our checks."""
+    """pyiqa's option parsing (``-opt``, ``--auto_resume``, ``--force_yml``, ...) on ``argv``, then our checks.
+
+    pyiqa seeds the random generators before applying ``--force_yml``, so ``--force_yml manual_seed=N`` would
+    be recorded but not used; the generators are seeded again here with the final value.
+    """
+    from pyiqa.utils import set_random_seed
     from pyiqa.utils.options import parse_options
 
     saved = sys.argv
@@ -57,6 +62,7 @@ def parse_training_options(argv: Sequence[str], root_path: str) -> tuple:
         opt, args = parse_options(root_path, is_train=True)
     finally:
         sys.argv = saved
+    set_random_seed(opt['manual_seed'] + opt['rank'])
     check_training_options(opt)
     return opt, args
 
@@ -85,6 +91,23 @@ def check_training_options(opt: dict) -> None:
         problems.append('val.metrics is required when val is given')
     if problems:
         raise ValueError('invalid training config: ' + '; '.join(problems))
+    fit_batch_to_shots(opt['datasets']['train'])
+
+
+def fit_batch_to_shots(dataset: dict) -> None:
+    """Lower a few-shot train set's ``batch_size_per_gpu`` to its number of shots (x enlarge ratio) when larger.
+
+    pyiqa's train loader drops incomplete batches, so a batch larger than the training set would run no step at
+    all; one batch of all shots per step is what the official code does. Changes the options in place.
+    """
+    if dataset.get('type') != 'FewShotNRDataset' or dataset.get('num_shots') is None:
+        return
+    available = int(dataset['num_shots']) * int(dataset.get('dataset_enlarge_ratio', 1))
+    batch = dataset.get('batch_size_per_gpu')
+    if batch is not None and batch > available:
+        print(f'datasets.train: batch_size_per_gpu {batch} > {available} training images; using {available} '
+              f'(all shots per step)', flush=True)
+        dataset['batch_size_per_gpu'] = available
 
 
 def train(argv: Sequence[str], root_path: Optional[str] = None) -> dict:

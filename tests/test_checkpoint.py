@@ -176,3 +176,19 @@ def test_pretrained_false_loads_nothing(monkeypatch):
     monkeypatch.setattr(arch, 'read_grmp_checkpoint', forbidden)
     monkeypatch.setattr(arch, 'resolve_weights', forbidden)
     GRMPIQA(**tiny_model_kwargs())
+
+
+def test_backbone_of_a_grmp_checkpoint_is_taken_without_its_prompts(tiny_checkpoint):
+    source = torch.load(tiny_checkpoint, weights_only=True)['params']
+    torch.manual_seed(7)
+    model = GRMPIQA(**tiny_model_kwargs(backbone_pretrained=tiny_checkpoint))
+    for key, value in model.clip.state_dict().items():
+        assert torch.equal(value, source[f'clip.{key}']), key
+    assert not torch.equal(model.prompt_learner.ctx, source['prompt_learner.ctx'])
+
+
+def test_backbone_checkpoint_of_another_shape_names_the_keys(tiny_checkpoint):
+    other = copy.deepcopy(TINY_BACKBONE)
+    other['vision_cfg']['width'] = 32
+    with pytest.raises(CheckpointMismatchError, match=r'shape mismatches .*clip\.visual'):
+        GRMPIQA(**tiny_model_kwargs(backbone=other, backbone_pretrained=tiny_checkpoint))

@@ -1,4 +1,6 @@
 """FewShotNRDataset: splits (disjoint, deterministic, sizes), labels, and errors before training."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,6 +8,7 @@ import torch
 from PIL import Image
 
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError, FewShotNRDataset, few_shot_split
+from pyiqa_grmp.train import fit_batch_to_shots
 
 
 @pytest.fixture(scope='module')
@@ -84,10 +87,37 @@ def test_items_are_square_resized_images_in_unit_range(image_folder):
     assert item['mos_label'].shape == (1,) and isinstance(item['img_path'], str)
 
 
-def test_fewer_shots_than_batch_size_still_make_a_batch(image_folder):
-    opt = _opt(image_folder, 'train', batch_size_per_gpu=192)
-    FewShotNRDataset(opt)
-    assert opt['batch_size_per_gpu'] == 10
+def test_batch_larger_than_the_shots_fails_before_training(image_folder):
+    with pytest.raises(DatasetConfigError, match='batch_size_per_gpu 192 exceeds the 10 training images'):
+        FewShotNRDataset(_opt(image_folder, 'train', batch_size_per_gpu=192))
+
+
+def test_enlarged_shots_may_fill_a_larger_batch(image_folder):
+    dataset = FewShotNRDataset(_opt(image_folder, 'train', batch_size_per_gpu=20, dataset_enlarge_ratio=2))
+    assert len(dataset) == 10
+
+
+def test_training_entry_lowers_the_batch_to_the_shots():
+    dataset = {'type': 'FewShotNRDataset', 'num_shots': 10, 'batch_size_per_gpu': 192}
+    fit_batch_to_shots(dataset)
+    assert dataset['batch_size_per_gpu'] == 10
+
+
+def test_row_filter_keeps_only_the_listed_values(image_folder):
+    listed = [f'img{i:02d}.png' for i in range(0, 40, 2)]
+    kept = FewShotNRDataset(_opt(image_folder, 'test', row_filter={'image': listed}, num_shots=5, num_val=0))
+    assert {os.path.basename(p) for p, _ in kept.paths_mos} <= set(listed)
+    assert len(kept) == 20 - int(0.8 * 20)
+
+
+@pytest.mark.parametrize('row_filter, message', [
+    ({'no_such_column': ['a']}, 'not in the meta-info file'),
+    ({'image': 'img01.png'}, 'non-empty list'),
+    ({'image': ['absent.png']}, 'keeps none'),
+])
+def test_bad_row_filter_is_named(image_folder, row_filter, message):
+    with pytest.raises(DatasetConfigError, match=message):
+        FewShotNRDataset(_opt(image_folder, 'train', row_filter=row_filter))
 
 
 @pytest.mark.parametrize('overrides, message', [

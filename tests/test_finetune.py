@@ -14,7 +14,7 @@ from pyiqa.utils import set_random_seed
 from grmp_test_utils import training_options
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.models.finetune_model import TrainingConfigError
-from pyiqa_grmp.train import evaluate_checkpoint, load_resume_state_anywhere
+from pyiqa_grmp.train import evaluate_checkpoint, load_resume_state_anywhere, parse_training_options
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 
@@ -110,6 +110,26 @@ def test_resume_restores_weights_optimizer_and_schedule(synthetic_workdir):
     assert all(torch.equal(a, b) for a, b in zip(saved_net.state_dict().values(), new_net.state_dict().values()))
     assert str(resumed.optimizer.state_dict()) == str(model.optimizer.state_dict())
     assert resumed.plateau_state['bad_evals'] == 2
+
+
+def test_force_yml_manual_seed_seeds_the_run(synthetic_workdir):
+    opt, _ = parse_training_options(['-opt', str(CONFIG), '--force_yml', 'manual_seed=5'], str(synthetic_workdir))
+    drawn = torch.rand(3)
+    set_random_seed(5)
+    assert opt['manual_seed'] == 5 and torch.equal(drawn, torch.rand(3))
+
+
+def test_fewer_shots_than_the_batch_still_train(synthetic_workdir, capsys):
+    cwd = os.getcwd()
+    os.chdir(synthetic_workdir)
+    try:
+        assert main(['train', '-opt', str(CONFIG), '--force_yml', 'datasets:train:num_shots=8', 'train:total_epoch=2',
+                     'logger:save_checkpoint_freq=1', 'val:val_freq=2', 'name=few_shots']) == 0
+    finally:
+        os.chdir(cwd)
+    assert 'batch_size_per_gpu 96 > 8 training images; using 8' in capsys.readouterr().out
+    states = synthetic_workdir / 'experiments' / 'few_shots' / 'training_states'
+    assert sorted(p.name for p in states.glob('*.state')) == ['1.state', '2.state']  # one state per step taken
 
 
 # ----------------------------------------------------------------------------------------- end to end

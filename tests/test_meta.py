@@ -10,17 +10,22 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pyiqa.archs import build_network
 from pyiqa.models import build_model
+from pyiqa.utils import set_random_seed
 
 from grmp_test_utils import training_options
 from pyiqa_grmp.cli import main
+from pyiqa_grmp.comparison import compare
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
 from pyiqa_grmp.data.task_dataset import DistortionTaskDataset
 from pyiqa_grmp.models.base_model import TrainingConfigError
+from pyiqa_grmp.train import evaluate_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 META_CONFIG = CONFIGS / 'smoke' / 'meta_pretrain_synthetic.yml'
+FROM_META_CONFIG = CONFIGS / 'smoke' / 'finetune_from_meta_synthetic.yml'
 
 
 def _write_images(folder, names):
@@ -106,7 +111,9 @@ def test_unmatched_file_name_is_reported(kadid_like, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- model
 def _options(synthetic_workdir, **meta):
-    return training_options(META_CONFIG, synthetic_workdir, meta=meta)
+    opt = training_options(META_CONFIG, synthetic_workdir, meta=meta)
+    opt['network']['backbone_pretrained'] = None  # the machinery needs no trained base backbone
+    return opt
 
 
 def _feed_task(model, opt, index=0):
@@ -184,20 +191,93 @@ def test_unknown_meta_mode_fails_before_training(synthetic_workdir):
         build_model(_options(synthetic_workdir, mode='maml'))
 
 
-def test_smoke_meta_pretraining_checkpoint_serves_metric_and_finetuning(synthetic_workdir):
+# ----------------------------------------------------------------------------------------- end to end
+UNTRAINED_FINETUNE_SEEDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope='module')
+def smoke_chain(synthetic_workdir):
+    """The smoke chain through `pyiqa-grmp train` (about two and a half minutes): the base backbone (the
+    stand-in for CLIP), meta-prompt pre-training on it, and fine-tuning on the held-out distortion from the
+    meta-prompts and, at the same budget, from untrained prompts of several seeds."""
     cwd = os.getcwd()
     os.chdir(synthetic_workdir)
     try:
+        assert main(['train', '-opt', str(CONFIGS / 'smoke' / 'backbone_synthetic.yml')]) == 0
         assert main(['train', '-opt', str(META_CONFIG)]) == 0
-        best = synthetic_workdir / 'experiments' / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'
-        assert best.is_file()
-        assert main(['train', '-opt', str(CONFIGS / 'smoke' / 'finetune_from_meta_synthetic.yml'),
-                     '--force_yml', 'train:total_epoch=2', 'val:val_freq=2']) == 0
+        assert main(['train', '-opt', str(FROM_META_CONFIG)]) == 0
+        for seed in UNTRAINED_FINETUNE_SEEDS:
+            assert main(['train', '-opt', str(FROM_META_CONFIG), '--force_yml', 'path:pretrain_network=~',
+                         f'manual_seed={seed}', f'name=smoke_finetune_from_untrained_{seed}']) == 0
     finally:
         os.chdir(cwd)
-    network = {k: v for k, v in yaml.safe_load(META_CONFIG.read_text())['network'].items()
+    experiments = synthetic_workdir / 'experiments'
+    return {'experiments': experiments, 'data': synthetic_workdir / 'datasets' / 'synthetic',
+            'base': experiments / 'smoke_backbone_synthetic' / 'models' / 'net_best.pth',
+            'meta_best': experiments / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'}
+
+
+def _network_options(config, smoke_chain):
+    network = yaml.safe_load(config.read_text())['network']
+    return dict(network, backbone_pretrained=str(smoke_chain['base']))
+
+
+def test_meta_prompts_rank_a_held_out_distortion_better_than_untrained_prompts(smoke_chain, tmp_path):
+    network = _network_options(META_CONFIG, smoke_chain)
+    options = {k: v for k, v in network.items() if k not in ('type', 'pretrained')}
+    metric_options = {'grmp_iqa@meta': dict(options, pretrained_model_path=str(smoke_chain['meta_best']))}
+    for seed in range(8):  # untrained prompts: a sample of random initialisations on the same backbone
+        set_random_seed(seed)
+        path = tmp_path / f'untrained_{seed}.pth'
+        torch.save({'params': build_network(copy.deepcopy(network)).state_dict()}, path)
+        metric_options[f'grmp_iqa@untrained_{seed}'] = dict(options, pretrained_model_path=str(path))
+    table = pd.read_csv(smoke_chain['data'] / 'meta_info_synthetic.csv')
+    held_out = table[table.distortion.isin(['gaussian_blur', 'pristine'])]  # never a task of pre-training
+    held_out.to_csv(tmp_path / 'held_out.csv', index=False)
+    result = compare(list(metric_options), meta_info=str(tmp_path / 'held_out.csv'), root=str(smoke_chain['data']),
+                     metric_options=metric_options, progress=False)
+    srcc = dict(zip(result['metric'], result['srcc']))
+    meta = srcc.pop('grmp_iqa@meta')
+    untrained = np.array(list(srcc.values()))
+    print(f'zero-shot SRCC on Gaussian blur + pristine ({len(held_out)} images): meta-prompts {meta:.3f}; '
+          f'untrained prompts {untrained.mean():.3f} +- {untrained.std():.3f} ({np.round(untrained, 2)})')
+    # Measured with benchmarks/smoke_chain.py (every config at seed 1, 2, 3; seed 1 is the configs' own):
+    # meta-prompts 0.826, 0.831, 0.712; untrained prompts -0.768, -0.093, 0.313 (mean of 8 initialisations).
+    # Whether untrained prompts point along the backbone's quality direction or against it is a coin flip of
+    # the backbone; meta-prompts find it either way.
+    assert meta > untrained.mean() + 0.3
+    assert meta > 0.6
+
+
+def test_finetuning_from_meta_prompts_learns_the_held_out_distortion(smoke_chain):
+    config = yaml.safe_load(FROM_META_CONFIG.read_text())
+    test_split = dict(config['datasets']['train'], phase='test', name='held_out_test',
+                      dataroot_target=str(smoke_chain['data']),
+                      meta_info_file=str(smoke_chain['data'] / 'meta_info_synthetic.csv'))
+    network = _network_options(FROM_META_CONFIG, smoke_chain)
+
+    def test_srcc(name):
+        best = smoke_chain['experiments'] / name / 'models' / 'net_best.pth'
+        return evaluate_checkpoint(network, str(best), test_split)['srcc']
+
+    from_meta = test_srcc(config['name'])
+    from_untrained = np.array([test_srcc(f'smoke_finetune_from_untrained_{s}') for s in UNTRAINED_FINETUNE_SEEDS])
+    print(f'test SRCC after {config["train"]["total_epoch"]} epochs on 16 shots of the held-out distortion: from '
+          f'meta-prompts {from_meta:.3f}; from untrained prompts {from_untrained.mean():.3f} '
+          f'({np.round(from_untrained, 2)})')
+    # Measured with benchmarks/smoke_chain.py (seeds 1, 2, 3): from meta-prompts 0.735, 0.758, 0.692; from
+    # untrained prompts 0.582, 0.720, 0.682 (mean of 4 seeds). Fine-tuning from untrained prompts catches up
+    # within a few steps on this tiny backbone, so a gain of stage 1 at this budget is not asserted (it is 0.15
+    # only where the untrained start is misaligned, seed 1); that it learns and does not lose is.
+    assert from_meta > 0.5
+    assert from_meta > from_untrained.mean() - 0.15
+
+
+def test_meta_checkpoint_loads_in_create_metric(smoke_chain):
+    network = {k: v for k, v in _network_options(META_CONFIG, smoke_chain).items()
                if k not in ('type', 'pretrained')}
-    metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=str(best), **network)
+    best = str(smoke_chain['meta_best'])
+    metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=best, **network)
     state = torch.load(best, weights_only=True)['params']
     assert torch.equal(metric.net.prompt_learner.ctx, state['prompt_learner.ctx'])
     assert 0 < metric(torch.rand(1, 3, 122, 122)).item() < 1

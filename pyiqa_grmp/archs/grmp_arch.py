@@ -10,6 +10,7 @@ and are computed once, like the text features, and the last block runs the CLS q
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
-from .checkpoint import OFFICIAL_PROMPT_BUFFERS, GRMPCheckpoint, mismatch_error, read_grmp_checkpoint
+from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, mismatch_error,
+                         read_grmp_checkpoint)
 from .prompts import DeepVisualPrompts, TextPromptLearner
 
 QUALITY_CLASS_NAMES = ('high quality', 'low quality')
@@ -51,10 +53,17 @@ def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
     """Build an open_clip ``CLIP`` from a model name or a config dict, with weights from a tag, a file or none.
 
     A dict is passed to ``open_clip.model.CLIP`` (``embed_dim``, ``vision_cfg``, ``text_cfg``; ``quick_gelu``
-    defaults to True as for OpenAI weights); with a dict, ``pretrained`` can only be a local file.
+    defaults to True as for OpenAI weights); with a dict, ``pretrained`` can only be a local file. A local file
+    is either open_clip/CLIP weights or a GRMP-IQA checkpoint, whose backbone (``clip.*``) is taken and whose
+    prompts are left out, so that new prompts can be learned on the backbone of an earlier run.
     """
     import open_clip
 
+    grmp_backbone = _grmp_backbone_state(pretrained)
+    if grmp_backbone is not None:
+        model = build_clip(backbone, None)
+        _load_strictly(model, grmp_backbone, pretrained)
+        return model
     if isinstance(backbone, str):
         return open_clip.create_model(backbone, pretrained=pretrained)
     if not isinstance(backbone, Mapping):
@@ -66,11 +75,38 @@ def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
     except TypeError as error:
         raise ValueError(f'invalid backbone config {config}: {error}') from error
     if pretrained is not None:
-        if not isinstance(pretrained, str) or not __import__('os').path.isfile(pretrained):
+        if not isinstance(pretrained, str) or not os.path.isfile(pretrained):
             raise ValueError(f'with a backbone config dict, backbone_pretrained must be a local file or None, '
                              f'got {pretrained!r}')
         open_clip.load_checkpoint(model, pretrained, weights_only=True)
     return model
+
+
+def _grmp_backbone_state(path: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
+    """The ``clip.*`` tensors (prefix removed) when ``path`` is a GRMP-IQA checkpoint file, else None."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    try:
+        state = read_grmp_checkpoint(path).state_dict
+    except CheckpointMismatchError:  # not a plain state dict (e.g. OpenAI's TorchScript archive): open_clip's job
+        return None
+    prefix = 'clip.'
+    backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return backbone or None
+
+
+def _load_strictly(clip: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Load the backbone of a GRMP-IQA checkpoint, naming every missing, unexpected or reshaped key."""
+    expected = clip.state_dict()
+    missing = [f'clip.{k}' for k in expected if k not in state]
+    unexpected = [f'clip.{k}' for k in state if k not in expected]
+    shapes = [f'clip.{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise mismatch_error(path, missing, unexpected, shapes,
+                             hint='backbone_pretrained takes the backbone of this GRMP-IQA checkpoint, which must '
+                                  'match the backbone config')
+    clip.load_state_dict(state, strict=True)
 
 
 def _check_backbone(clip: nn.Module) -> None:

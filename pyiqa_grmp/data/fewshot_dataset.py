@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from pyiqa.data.general_nr_dataset import GeneralNRDataset
-from pyiqa.utils import get_root_logger
 
 from ..archs.grmp_arch import square_resize
 from .image_io import read_image
@@ -31,6 +31,30 @@ def stored_square(image: torch.Tensor, size: int) -> torch.Tensor:
 
 class DatasetConfigError(ValueError):
     """A few-shot dataset option is invalid; raised while building the dataset, before any training."""
+
+
+def row_filter_mask(table: "pd.DataFrame", row_filter: Optional[Mapping], where: str) -> np.ndarray:
+    """Rows of a meta-info table kept by ``row_filter`` ({column: [values]}: a row is kept when, for every
+    column, its value is listed; values compare as text). None keeps every row.
+
+    It lets one labelled set serve several stages without overlap, e.g. pre-train on some reference photos and
+    fine-tune on the others. ``where`` names the dataset or source in errors.
+    """
+    keep = np.ones(len(table), dtype=bool)
+    if row_filter is None:
+        return keep
+    if not isinstance(row_filter, Mapping) or not row_filter:
+        raise DatasetConfigError(f'{where}: row_filter must map column names to lists of values, got {row_filter!r}')
+    for column, values in row_filter.items():
+        if column not in table.columns:
+            raise DatasetConfigError(f'{where}: row_filter column {column!r} is not in the meta-info file '
+                                     f'(columns: {list(table.columns)})')
+        if isinstance(values, (str, int, float)) or not values:
+            raise DatasetConfigError(f'{where}: row_filter[{column!r}] must be a non-empty list, got {values!r}')
+        keep &= table[column].astype(str).isin([str(v) for v in values]).to_numpy()
+    if not keep.any():
+        raise DatasetConfigError(f'{where}: row_filter {dict(row_filter)} keeps none of the {len(table)} rows')
+    return keep
 
 
 def few_shot_split(num_images: int, num_shots: int, split_seed: int, train_ratio: float = 0.8,
@@ -62,7 +86,8 @@ def few_shot_split(num_images: int, num_shots: int, split_seed: int, train_ratio
 class FewShotNRDataset(GeneralNRDataset):
     """pyiqa NR dataset restricted to one few-shot split.
 
-    Extra options: ``num_shots``, ``split_seed``, ``train_ratio`` (0.8), ``num_val`` (0), ``label_norm``
+    Extra options: ``num_shots``, ``split_seed``, ``train_ratio`` (0.8), ``num_val`` (0), ``row_filter`` (use
+    only the rows it keeps, see :func:`row_filter_mask`), ``label_norm``
     (``minmax_per_subset`` | ``mos_range`` | ``none``), ``resize`` (244: images are stored squashed to this square,
     as the official .mat files), ``cache_images`` (keep decoded images in memory; default True for the shots).
     Any pyiqa ``augment`` options are applied on top, before the resize.
@@ -76,12 +101,15 @@ class FewShotNRDataset(GeneralNRDataset):
         self._cache: Dict[int, torch.Tensor] = {}
         self._augmented = len(self.trans.transforms) > 1
         batch = opt.get('batch_size_per_gpu')
-        if self.phase == 'train' and batch is not None and batch > len(self.paths_mos):
-            # pyiqa's train loader drops incomplete batches: with fewer shots than the batch size it would yield
-            # nothing. One batch of all shots per step is what the official code does.
-            get_root_logger().info(f'{opt.get("name")}: batch_size_per_gpu {batch} > {len(self.paths_mos)} shots; '
-                                   f'using batches of {len(self.paths_mos)} (all shots per step)')
-            opt['batch_size_per_gpu'] = len(self.paths_mos)
+        available = len(self.paths_mos) * int(opt.get('dataset_enlarge_ratio', 1))
+        if self.phase == 'train' and batch is not None and batch > available:
+            # pyiqa's train loader drops incomplete batches and is built from its own copy of these options, so
+            # here the only safe answer is to stop (``pyiqa-grmp train`` lowers the batch size beforehand).
+            raise DatasetConfigError(
+                f'dataset {opt.get("name")!r}: batch_size_per_gpu {batch} exceeds the {available} training images '
+                f'({len(self.paths_mos)} shots x dataset_enlarge_ratio); pyiqa drops incomplete batches, so no '
+                f'training step would run. Set batch_size_per_gpu: {len(self.paths_mos)} (all shots per step, as '
+                f'the official code).')
 
     @staticmethod
     def _check_options(opt: dict) -> None:
@@ -101,6 +129,8 @@ class FewShotNRDataset(GeneralNRDataset):
     def init_path_mos(self, opt: dict) -> None:
         super().init_path_mos(opt)
         name = opt.get('name')
+        keep = row_filter_mask(self.meta_info, opt.get('row_filter'), f'dataset {name!r}')
+        self.paths_mos = [item for item, kept in zip(self.paths_mos, keep) if kept]
         if not self.paths_mos:
             raise DatasetConfigError(f'dataset {name!r}: meta_info_file {opt["meta_info_file"]} has no rows')
         bad = [str(path) for path, mos in self.paths_mos if not math.isfinite(float(mos))]

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils import data
 
-from .fewshot_dataset import DatasetConfigError, stored_square
+from .fewshot_dataset import DatasetConfigError, row_filter_mask, stored_square
 from .image_io import read_image
 
 #: KADID-10k ``I01_03_02.png`` and TID2013 ``i01_03_2.bmp``: reference, type, level.
@@ -46,6 +46,7 @@ def read_source_tasks(source: dict) -> "OrderedDict[str, List[Tuple[str, float]]
     table = pd.read_csv(source['meta_info_file'])
     if table.empty:
         raise DatasetConfigError(f'source {name!r}: meta_info_file {source["meta_info_file"]} has no rows')
+    table = table[row_filter_mask(table, source.get('row_filter'), f'source {name!r}')].reset_index(drop=True)
     image_col, mos_col = (1, 2) if _layout(source) == 'fr' else (0, 1)
     images = table.iloc[:, image_col].astype(str)
     mos = pd.to_numeric(table.iloc[:, mos_col], errors='coerce')
@@ -81,7 +82,7 @@ class DistortionTaskDataset(data.Dataset):
     """Tasks (phase ``train``) or held-out images (``val``/``test``) over the ``sources`` of the options.
 
     Options: ``sources`` (list of {name, meta_info_file, dataroot_target, layout, type_pattern | type_column,
-    include_types, exclude_types}), ``val_fraction`` (0.1), ``split_seed`` (0), ``resize`` (256: images are
+    include_types, exclude_types, row_filter}), ``val_fraction`` (0.1), ``split_seed`` (0), ``resize`` (256: images are
     squashed to this square, as the official pre-training resizes to 256 before cropping 224).
     """
 
