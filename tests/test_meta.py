@@ -84,6 +84,17 @@ def test_type_column_gives_every_type_but_the_excluded(tmp_path):
         f'syn:{k}' for k in ('gaussian_noise', 'gaussian_blur', 'jpeg', 'pixelate', 'contrast'))
 
 
+def test_source_row_filter_keeps_only_the_listed_rows(tmp_path):
+    meta = make_synthetic_dataset(str(tmp_path / 'synthetic'), size=32)
+    source = {'name': 'syn', 'meta_info_file': meta, 'dataroot_target': str(tmp_path / 'synthetic'),
+              'type_column': 'distortion', 'exclude_types': ['pristine'],
+              'row_filter': {'reference': ['astronaut', 'chelsea']}}
+    dataset = _tasks([source], val_fraction=0.0)
+    paths = [os.path.basename(p) for t in dataset.tasks for p, _ in t['items']]
+    assert len(dataset.tasks) == 5 and all(len(t['items']) == 2 * 5 for t in dataset.tasks)
+    assert all(p.startswith(('astronaut_', 'chelsea_')) for p in paths)
+
+
 def test_held_out_images_are_disjoint_from_tasks_and_deterministic(kadid_like):
     first, second = (_tasks([kadid_like], val_fraction=0.25, split_seed=4) for _ in range(2))
     task_paths = {p for t in first.tasks for p, _ in t['items']}

@@ -150,9 +150,9 @@ class GRMPIQA(nn.Module):
     Args:
         backbone: open_clip model name (default OpenAI ViT-B/16 with QuickGELU) or a config dict for
             ``open_clip.model.CLIP`` (small models for tests and experiments).
-        backbone_pretrained: base CLIP weights (open_clip tag such as ``'openai'``, a local file, or None for
-            random init). Used only when the GRMP checkpoint being loaded does not carry the backbone, or with
-            ``pretrained=False``.
+        backbone_pretrained: base CLIP weights (open_clip tag such as ``'openai'``, a local CLIP file, a GRMP-IQA
+            checkpoint whose backbone is taken without its prompts, or None for random init). Used only when the
+            GRMP checkpoint being loaded does not carry the backbone, or with ``pretrained=False``.
         num_visual_prompts: learned tokens per vision block (VPT-Deep).
         n_ctx: learned text context vectors shared by the classes (CoOp).
         class_names: the quality classes; the score is the probability of the first.

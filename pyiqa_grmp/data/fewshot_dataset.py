@@ -33,7 +33,7 @@ class DatasetConfigError(ValueError):
     """A few-shot dataset option is invalid; raised while building the dataset, before any training."""
 
 
-def row_filter_mask(table: "pd.DataFrame", row_filter: Optional[Mapping], where: str) -> np.ndarray:
+def row_filter_mask(table: pd.DataFrame, row_filter: Optional[Mapping], where: str) -> np.ndarray:
     """Rows of a meta-info table kept by ``row_filter`` ({column: [values]}: a row is kept when, for every
     column, its value is listed; values compare as text). None keeps every row.
 

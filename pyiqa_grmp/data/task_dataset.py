@@ -82,8 +82,8 @@ class DistortionTaskDataset(data.Dataset):
     """Tasks (phase ``train``) or held-out images (``val``/``test``) over the ``sources`` of the options.
 
     Options: ``sources`` (list of {name, meta_info_file, dataroot_target, layout, type_pattern | type_column,
-    include_types, exclude_types, row_filter}), ``val_fraction`` (0.1), ``split_seed`` (0), ``resize`` (256: images are
-    squashed to this square, as the official pre-training resizes to 256 before cropping 224).
+    include_types, exclude_types, row_filter}), ``val_fraction`` (0.1), ``split_seed`` (0), ``resize`` (256:
+    images are squashed to this square, as the official pre-training resizes to 256 before cropping 224).
     """
 
     def __init__(self, opt: dict) -> None:
