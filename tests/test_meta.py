@@ -267,12 +267,13 @@ def test_finetuning_from_meta_prompts_learns_the_held_out_distortion(smoke_chain
                       meta_info_file=str(smoke_chain['data'] / 'meta_info_synthetic.csv'))
     network = _network_options(FROM_META_CONFIG, smoke_chain)
 
-    def test_srcc(name):
+    def best_test_srcc(name):
         best = smoke_chain['experiments'] / name / 'models' / 'net_best.pth'
         return evaluate_checkpoint(network, str(best), test_split)['srcc']
 
-    from_meta = test_srcc(config['name'])
-    from_untrained = np.array([test_srcc(f'smoke_finetune_from_untrained_{s}') for s in UNTRAINED_FINETUNE_SEEDS])
+    from_meta = best_test_srcc(config['name'])
+    from_untrained = np.array([best_test_srcc(f'smoke_finetune_from_untrained_{s}')
+                               for s in UNTRAINED_FINETUNE_SEEDS])
     print(f'test SRCC after {config["train"]["total_epoch"]} epochs on 16 shots of the held-out distortion: from '
           f'meta-prompts {from_meta:.3f}; from untrained prompts {from_untrained.mean():.3f} '
           f'({np.round(from_untrained, 2)})')
