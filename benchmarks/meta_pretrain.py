@@ -56,7 +56,8 @@ def main() -> None:
         model = build_model(_options(args, workdir))
     model.feed_data({'images': torch.randint(0, 256, (1, args.task_size, 3, 256, 256), dtype=torch.uint8),
                      'mos': torch.rand(1, args.task_size), 'task': ['bench:01'], 'source': torch.tensor([0]),
-                     'num_source_tasks': torch.tensor([10 ** 6])})  # no outer step inside the timing
+                     'num_source_tasks': torch.tensor([10 ** 6]),  # no outer step inside the timing
+                     'idle': torch.tensor([False]), 'item_seed': torch.tensor([0])})
     candidates = {
         'plain prompt training': lambda: plain_prompt_training(model),
         'GRMPMetaPromptModel task': lambda: model.optimize_parameters(1),

@@ -51,18 +51,23 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import TrainingInterrupted, train
 
-    argv = ['-opt', args.opt, *(['--auto_resume'] if args.auto_resume else []),
+    argv = ['-opt', args.opt, '--launcher', args.launcher, *(['--auto_resume'] if args.auto_resume else []),
             *(['--debug'] if args.debug else []), *(['--force_yml', *args.force_yml] if args.force_yml else [])]
-    train(argv)
+    try:
+        train(argv)
+    except TrainingInterrupted as stopped:
+        print(f'pyiqa-grmp train: {stopped}', file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention for "ended by signal N"
     return 0
 
 
 def _cmd_protocol(args: argparse.Namespace) -> int:
     from .train import run_protocol
 
-    run_protocol(['-opt', args.opt, *(['--force_yml', *args.force_yml] if args.force_yml else [])],
+    run_protocol(['-opt', args.opt, '--launcher', args.launcher,
+                  *(['--force_yml', *args.force_yml] if args.force_yml else [])],
                  runs=args.runs, select=args.select, out_dir=args.out)
     return 0
 
@@ -97,11 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_cmd_list)
 
     training = commands.add_parser(
-        'train', help="pyiqa's train_pipeline with GRMP-IQA loaded (experiments under the current directory)")
-    training.add_argument('-opt', required=True, help='training YAML')
-    training.add_argument('--auto_resume', action='store_true', help='resume from the latest training state')
+        'train', help='train from a pyiqa-style YAML (experiments under the current directory); SIGTERM/SIGINT '
+                      'write a training state and stop; --auto_resume continues exactly')
+    training.add_argument('-opt', required=True, help='training YAML (read as plain data; python tags refused)')
+    training.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                          help='distributed launch: pytorch under torchrun, slurm under srun')
+    training.add_argument('--auto_resume', action='store_true',
+                          help='continue from the newest usable training state (cut-short ones are skipped)')
     training.add_argument('--debug', action='store_true', help="pyiqa's debug mode (a few iterations)")
-    training.add_argument('--force_yml', nargs='+', help='pyiqa-style option overrides, KEY:SUB=VALUE')
+    training.add_argument('--force_yml', nargs='+',
+                          help='option overrides KEY:SUB=VALUE, the value parsed as plain YAML')
     training.set_defaults(handler=_cmd_train)
 
     protocol = commands.add_parser('protocol', help="the paper's repeated random-split few-shot protocol")
@@ -110,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument('--select', choices=['val', 'test'], default='val',
                           help='choose each run\'s checkpoint on the validation carve-out (default) or, as the '
                                'official code, on the test split (optimistic)')
-    protocol.add_argument('--force_yml', nargs='+', help='pyiqa-style option overrides, KEY:SUB=VALUE')
+    protocol.add_argument('--force_yml', nargs='+',
+                          help='option overrides KEY:SUB=VALUE, the value parsed as plain YAML')
+    protocol.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                          help='spread the runs over the processes of torchrun (pytorch) or srun (slurm)')
     protocol.add_argument('--out', help='folder for protocol.csv / protocol.md (default experiments/NAME_protocol)')
     protocol.set_defaults(handler=_cmd_protocol)
 

@@ -1,70 +1,77 @@
-"""Training entry points: pyiqa's ``train_pipeline`` with the plugin loaded, and the paper's few-shot protocol.
+"""Training: our loop over pyiqa's parts, and the paper's few-shot protocol.
 
-Experiments land under the current directory (``experiments/<name>``), not in site-packages. Resuming works on
-CPU as on GPU: pyiqa's own ``load_resume_state`` maps the state to CUDA unconditionally, so while our pipeline
-runs it is replaced by :func:`load_resume_state_anywhere`.
+pyiqa's ``train_pipeline`` cannot resume a run exactly: it replays the saved epoch from its first batch, saves no
+random generators, writes checkpoints in place, validates after saving (so a state misses that validation), and
+fails at the end of a run without validation. :func:`run_training` keeps pyiqa's parts (options, registries,
+``build_model``, ``build_dataset``, ``EnlargedSampler``, prefetchers, ``MessageLogger``, TensorBoard) and every
+YAML option its users know, and owns the loop state: the epoch, the position in it, every generator, the
+model's own state, written atomically at each ``save_checkpoint_freq`` and when SIGTERM/SIGINT ask to stop.
+Experiments land under the current directory (``experiments/<name>``), not in site-packages.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import glob
+import logging
+import math
 import os
-import sys
-from typing import Dict, Iterator, List, Optional, Sequence
+import signal
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 import pyiqa_grmp  # noqa: F401  (registers our types)
 
+from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerprint, find_resume_state, load_state,
+                            remove_stale_temporaries, restore_rng, resume_fingerprint)
+from .data.samplers import ResumableSampler, SeededItems
+from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
+from .options import ConfigError, dump_yaml, parse_training_argv, prepare_options
 
-def load_resume_state_anywhere(opt: dict) -> Optional[dict]:
-    """Find the training state to resume from (``--auto_resume`` or ``path.resume_state``), loaded on CPU."""
-    path = None
-    if opt.get('auto_resume'):
-        states = glob.glob(os.path.join(opt['path']['training_states'], '*.state'))
-        if states:
-            path = max(states, key=lambda p: float(os.path.basename(p)[:-len('.state')]))
-    elif opt['path'].get('resume_state'):
-        path = opt['path']['resume_state']
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'resume state {path} not found')
-    opt['path']['resume_state'] = path
-    return torch.load(path, map_location='cpu', weights_only=True)
+#: ``--launcher`` values (pyiqa's names) -> the launchers of :mod:`pyiqa_grmp.distributed`.
+LAUNCHERS = {'none': None, 'pytorch': 'torchrun', 'slurm': 'slurm'}
 
 
-@contextlib.contextmanager
-def _cpu_capable_resume() -> Iterator[None]:
-    import pyiqa.train as pyiqa_train
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped training after a step; a training state was written at that iteration."""
 
-    original = pyiqa_train.load_resume_state
-    pyiqa_train.load_resume_state = load_resume_state_anywhere
-    try:
-        yield
-    finally:
-        pyiqa_train.load_resume_state = original
+    def __init__(self, signum: int, iteration: int, state_path: str) -> None:
+        self.signum, self.iteration, self.state_path = signum, iteration, state_path
+        name = signal.Signals(signum).name
+        super().__init__(f'training stopped by {name} after iteration {iteration}; training state written to '
+                         f'{state_path}; continue with --auto_resume')
 
 
-def parse_training_options(argv: Sequence[str], root_path: str) -> tuple:
-    """pyiqa's option parsing (``-opt``, ``--auto_resume``, ``--force_yml``, ...) on ``argv``, then our checks.
+def parse_training_options(argv: Sequence[str], root_path: str) -> Tuple[dict, Any]:
+    """``argv`` (``-opt``, ``--auto_resume``, ``--force_yml``, ...) -> checked options, seeded generators.
 
-    pyiqa seeds the random generators before applying ``--force_yml``, so ``--force_yml manual_seed=N`` would
-    be recorded but not used; the generators are seeded again here with the final value.
+    The YAML is read as plain data and overrides are applied without ``exec`` (see :mod:`pyiqa_grmp.options`);
+    generators are seeded with the final ``manual_seed``, after the overrides.
     """
-    from pyiqa.utils import set_random_seed
-    from pyiqa.utils.options import parse_options
-
-    saved = sys.argv
-    sys.argv = ['pyiqa-grmp', *argv]
-    try:
-        opt, args = parse_options(root_path, is_train=True)
-    finally:
-        sys.argv = saved
-    set_random_seed(opt['manual_seed'] + opt['rank'])
+    opt, args = parse_training_argv(argv)
+    rank, world_size = join_launch(opt, args.launcher)
+    opt = prepare_options(opt, args, root_path, rank=rank, world_size=world_size)
     check_training_options(opt)
     return opt, args
+
+
+def join_launch(opt: dict, launcher: str) -> Tuple[int, int]:
+    """(rank, world size) of this process: joins the process group of ``--launcher pytorch|slurm``.
+
+    The backend is NCCL when the config trains on CUDA (``num_gpu`` not 0) and gloo on the CPU;
+    ``dist_params.backend`` overrides. Each rank trains on ``cuda:LOCAL_RANK``. A launcher without its
+    environment, more ranks than GPUs on a machine, or NCCL on the CPU fail here, before anything else.
+    """
+    wants_cuda = opt.get('num_gpu', 0) not in (0, None)
+    if wants_cuda and not torch.cuda.is_available():
+        raise ConfigError(f'num_gpu is {opt.get("num_gpu")!r} but CUDA is not available; set num_gpu: 0 for the CPU')
+    if LAUNCHERS[launcher] is None:
+        return 0, 1
+    backend = (opt.get('dist_params') or {}).get('backend')
+    context = init_distributed(LAUNCHERS[launcher], device='cuda' if wants_cuda else 'cpu', backend=backend)
+    return context.rank, context.world_size
 
 
 def check_training_options(opt: dict) -> None:
@@ -82,42 +89,289 @@ def check_training_options(opt: dict) -> None:
     for phase, dataset in opt['datasets'].items():
         if dataset.get('type') not in DATASET_REGISTRY:
             problems.append(f'datasets.{phase}.type {dataset.get("type")!r} is not registered')
+        if phase != 'train' and not phase.startswith('val'):
+            problems.append(f'datasets.{phase}: phases are train and val* (val_1, val_2, ...)')
     optim = opt['train'].get('optim') or {}
     if 'type' not in optim or 'lr' not in optim:
         problems.append('train.optim needs type and lr')
     elif not hasattr(torch.optim, optim['type']):
         problems.append(f'train.optim.type {optim["type"]!r} is not a torch.optim optimizer')
+    if opt['train'].get('total_epoch') is None and opt['train'].get('total_iter') is None:
+        problems.append('train needs total_epoch or total_iter')
     if opt.get('val') is not None and not opt['val'].get('metrics'):
         problems.append('val.metrics is required when val is given')
+    if opt.get('val') is not None and not opt['val'].get('val_freq'):
+        problems.append('val.val_freq is required when val is given')
     if problems:
         raise ValueError('invalid training config: ' + '; '.join(problems))
-    fit_batch_to_shots(opt['datasets']['train'])
+    logger_opt = opt.setdefault('logger', {})
+    logger_opt.setdefault('print_freq', 100)
+    logger_opt.setdefault('use_tb_logger', False)
+    fit_batch_to_shots(opt['datasets']['train'], opt.get('world_size', 1))
 
 
-def fit_batch_to_shots(dataset: dict) -> None:
-    """Lower a few-shot train set's ``batch_size_per_gpu`` to its number of shots (x enlarge ratio) when larger.
+def fit_batch_to_shots(dataset: dict, world_size: int = 1) -> None:
+    """Lower a few-shot train set's ``batch_size_per_gpu`` to its shots per process (x enlarge ratio).
 
-    pyiqa's train loader drops incomplete batches, so a batch larger than the training set would run no step at
-    all; one batch of all shots per step is what the official code does. Changes the options in place.
+    pyiqa's train loader drops incomplete batches, so a batch larger than a process's share of the training set
+    would run no step at all; one batch of all shots per step is what the official code does. Each of
+    ``world_size`` processes takes its share of the shots. Changes the options in place.
     """
     if dataset.get('type') != 'FewShotNRDataset' or dataset.get('num_shots') is None:
         return
-    available = int(dataset['num_shots']) * int(dataset.get('dataset_enlarge_ratio', 1))
+    total = int(dataset['num_shots']) * int(dataset.get('dataset_enlarge_ratio', 1))
+    if total < world_size:
+        raise ConfigError(f'datasets.train: {total} training images (num_shots x dataset_enlarge_ratio) cannot be '
+                          f'shared by {world_size} processes: use at most {total} processes')
+    available = total // world_size
     batch = dataset.get('batch_size_per_gpu')
     if batch is not None and batch > available:
-        print(f'datasets.train: batch_size_per_gpu {batch} > {available} training images; using {available} '
+        share = f'{available} per process of {world_size}' if world_size > 1 else f'{available}'
+        print(f'datasets.train: batch_size_per_gpu {batch} > {share} training images; using {available} '
               f'(all shots per step)', flush=True)
         dataset['batch_size_per_gpu'] = available
 
 
-def train(argv: Sequence[str], root_path: Optional[str] = None) -> dict:
-    """Run pyiqa's train_pipeline on a YAML (``-opt``), with the plugin loaded; returns the best metrics."""
-    from pyiqa.train import train_pipeline
+# ------------------------------------------------------------------------------------------ the train data
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which finishes the step and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+
+def build_train_loader(opt: dict, dataset_opt: dict):
+    """The train set, its resumable sampler and loader, iterations per epoch (pyiqa's formula), epochs, iters."""
+    from pyiqa.data import build_dataset
+    from pyiqa.data.prefetch_dataloader import PrefetchDataLoader
+
+    train_set = build_dataset(dataset_opt)
+    ratio = int(dataset_opt.get('dataset_enlarge_ratio', 1))
+    shuffle, seed = dataset_opt.get('use_shuffle', True), int(opt['manual_seed'])
+    if hasattr(train_set, 'round_sampler'):  # meta-training: every task once per round, whatever the ranks
+        sampler = train_set.round_sampler(opt['world_size'], opt['rank'], seed, shuffle)
+    else:
+        sampler = ResumableSampler(train_set, opt['world_size'], opt['rank'], ratio, shuffle, seed)
+    per_process = 1 if opt['dist'] or opt['num_gpu'] == 0 else opt['num_gpu']  # pyiqa: DataParallel multiplies
+    batch_size = dataset_opt['batch_size_per_gpu'] * per_process
+    num_workers = int(dataset_opt.get('num_worker_per_gpu', 0)) * per_process
+    loader_args = dict(dataset=SeededItems(train_set), batch_size=batch_size, sampler=sampler, drop_last=True,
+                       num_workers=num_workers, pin_memory=dataset_opt.get('pin_memory', False),
+                       persistent_workers=bool(dataset_opt.get('persistent_workers', False)) and num_workers > 0,
+                       worker_init_fn=_quiet_worker if num_workers > 0 else None,
+                       generator=torch.Generator().manual_seed(int(opt['manual_seed'])))  # keeps the global one
+    if dataset_opt.get('prefetch_mode') == 'cpu':
+        loader = PrefetchDataLoader(num_prefetch_queue=dataset_opt.get('num_prefetch_queue', 1), **loader_args)
+    else:
+        loader = torch.utils.data.DataLoader(**loader_args)
+    if isinstance(sampler, ResumableSampler):  # pyiqa's count, which its users' total_epoch settings assume
+        iters_per_epoch = math.ceil(len(train_set) * ratio / (dataset_opt['batch_size_per_gpu'] * opt['world_size']))
+    else:
+        iters_per_epoch = len(sampler) // batch_size
+    if opt['train'].get('total_epoch') is not None:
+        total_epochs = int(opt['train']['total_epoch'])
+        opt['train']['total_iter'] = total_epochs * iters_per_epoch
+    else:
+        total_epochs = math.ceil(int(opt['train']['total_iter']) / iters_per_epoch)
+    return train_set, sampler, loader, total_epochs, int(opt['train']['total_iter'])
+
+
+def _prefetcher(loader, opt: dict):
+    from pyiqa.data.prefetch_dataloader import CPUPrefetcher, CUDAPrefetcher
+
+    mode = opt['datasets']['train'].get('prefetch_mode')
+    if mode in (None, 'cpu'):
+        return CPUPrefetcher(loader)
+    if mode == 'cuda':
+        if opt['datasets']['train'].get('pin_memory') is not True:
+            raise ConfigError('datasets.train.prefetch_mode cuda needs pin_memory: true')
+        return CUDAPrefetcher(loader, opt)
+    raise ConfigError(f'datasets.train.prefetch_mode must be ~, cpu or cuda, got {mode!r}')
+
+
+# --------------------------------------------------------------------------------------------- stop signals
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Dict[str, Optional[int]]]:
+    """While training, SIGTERM and SIGINT only record that a stop was asked (a second one acts as usual)."""
+    request: Dict[str, Optional[int]] = {'signal': None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def record(signum, frame) -> None:
+        request['signal'] = signum
+        for name in ('SIGTERM', 'SIGINT'):
+            signal.signal(getattr(signal, name), previous[name])
+
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in ('SIGTERM', 'SIGINT')}
+    for name in previous:
+        signal.signal(getattr(signal, name), record)
+    try:
+        yield request
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def _resume_state(opt: dict) -> Tuple[Optional[str], Optional[dict]]:
+    """The state to continue from: rank 0 picks it (naming what it skips), every rank reads that file."""
+    models = opt['path']['models']
+    path = opt['path'].get('resume_state')
+    if opt.get('auto_resume'):
+        path = None
+        if opt['rank'] == 0:
+            path, _ = find_resume_state(opt['path']['training_states'],
+                                        lambda it: os.path.join(models, f'net_{it}.pth'))
+        if opt['dist']:
+            path = broadcast_object(path)
+    return (path, load_state(path)) if path else (None, None)
+
+
+def _start_experiment(opt: dict, args, resumed: bool) -> None:
+    from pyiqa.utils import make_exp_dirs, mkdir_and_rename
+
+    if opt['rank'] != 0:
+        return
+    if not resumed:
+        make_exp_dirs(opt)
+        if opt['logger'].get('use_tb_logger') and 'debug' not in opt['name']:
+            os.makedirs(os.path.join(opt['root_path'], 'tb_logger_archived'), exist_ok=True)
+            mkdir_and_rename(os.path.join(opt['root_path'], 'tb_logger', opt['name']))
+    for key in ('models', 'training_states'):
+        os.makedirs(opt['path'][key], exist_ok=True)
+        remove_stale_temporaries(opt['path'][key])
+    header = f'# written {time.asctime()} by pyiqa-grmp train -opt {args.opt}\n# the options as run, overrides applied\n'
+    atomic_write_text(os.path.join(opt['path']['experiments_root'], os.path.basename(args.opt)),
+                      header + dump_yaml({k: v for k, v in opt.items() if k not in ('dist', 'rank', 'world_size')}))
+
+
+def _tb_logger(opt: dict):
+    """pyiqa's TensorBoard logger (and wandb, which syncs it) on rank 0, as its ``logger`` options ask."""
+    from pyiqa.utils import init_tb_logger, init_wandb_logger
+
+    if opt['rank'] != 0 or not opt['logger'].get('use_tb_logger') or 'debug' in opt['name']:
+        return None
+    if (opt['logger'].get('wandb') or {}).get('project') is not None:
+        init_wandb_logger(opt)
+    return init_tb_logger(log_dir=os.path.join(opt['root_path'], 'tb_logger', opt['name']))
+
+
+def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
+    """Train ``opt`` (parsed by :func:`parse_training_options`); returns the best validation results.
+
+    With ``--auto_resume`` (or ``path.resume_state``) the run continues from a training state exactly as if it
+    had not stopped. Raises :class:`TrainingInterrupted` after writing a state when SIGTERM/SIGINT asked to stop.
+    """
+    from pyiqa.data import build_dataloader, build_dataset
+    from pyiqa.models import build_model
+    from pyiqa.utils import AvgTimer, MessageLogger, get_env_info, get_root_logger, get_time_str
+    from pyiqa.utils.options import dict2str
+
+    opt['root_path'] = root_path
+    torch.backends.cudnn.benchmark = True
+    state_path, state = _resume_state(opt)
+    if state is not None:
+        check_resume_fingerprint(state.get('fingerprint'), resume_fingerprint(opt), state_path)
+    _start_experiment(opt, args, resumed=state is not None)
+    log_file = os.path.join(opt['path']['log'], f'train_{opt["name"]}_{get_time_str()}.log')
+    logger = get_root_logger(logger_name='pyiqa', log_level=logging.INFO, log_file=log_file)
+    logger.info(get_env_info())
+    logger.info(dict2str(opt))
+    tb_logger = _tb_logger(opt)
+
+    train_opt = opt['datasets']['train']
+    _, sampler, train_loader, total_epochs, total_iters = build_train_loader(opt, train_opt)
+    val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=None,
+                                    seed=opt['manual_seed'])
+                   for phase, d in opt['datasets'].items() if phase.startswith('val')]
+    logger.info(f'training: {len(sampler.dataset)} images x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
+                f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
+                f'{total_iters} iterations')
+    model = build_model(opt)
+    model.resume_fingerprint = resume_fingerprint(opt)
+    start_epoch, current_iter, position = 0, 0, 0
+    if state is not None:
+        model.resume_training(state)
+        start_epoch, current_iter = int(state['epoch']), int(state['iter'])
+        position = int(state.get('loop', {}).get('epoch_position', 0))
+        logger.info(f'resuming from {state_path}: epoch {start_epoch}, iteration {current_iter}, '
+                    f'{position} batches into the epoch')
+    msg_logger = MessageLogger(opt, current_iter, tb_logger)
+    prefetcher = _prefetcher(train_loader, opt)
+    batch = train_loader.batch_size
+    log_opt, val_opt = opt['logger'], opt.get('val')
+    data_timer, iter_timer = AvgTimer(), AvgTimer()
+    finished = False
+
+    def save_state(epoch: int) -> str:
+        generators = all_gather_objects(capture_rng()) if opt['dist'] else [capture_rng()]  # one per rank
+        model.save(epoch, current_iter, loop_state={'epoch_position': position, 'rng': generators})
+        return os.path.join(opt['path']['training_states'], f'{current_iter}.state')
+
+    with stop_requests() as stop:
+        if state is not None and state.get('loop'):
+            restore_rng(state['loop']['rng'][opt['rank']])
+        epoch = start_epoch
+        for epoch in range(start_epoch, total_epochs + 1):
+            sampler.set_epoch(epoch, start=position * batch if epoch == start_epoch else 0)
+            if epoch != start_epoch:
+                position = 0
+            prefetcher.reset()
+            train_data = prefetcher.next()
+            while train_data is not None:
+                data_timer.record()
+                current_iter += 1
+                if current_iter > total_iters:
+                    break
+                model.feed_data(train_data)
+                model.optimize_parameters(current_iter)
+                position += 1
+                iter_timer.record()
+                if current_iter % log_opt['print_freq'] == 0:
+                    msg_logger({'epoch': epoch, 'iter': current_iter, 'lrs': model.get_current_learning_rate(),
+                                'time': iter_timer.get_avg_time(), 'data_time': data_timer.get_avg_time(),
+                                **model.get_current_log()})
+                if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
+                    for val_loader in val_loaders:
+                        model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+                finished, stopping = model.training_finished(), stop['signal']
+                if opt['dist'] and any_rank(bool(stopping), model.device) and not stopping:
+                    stopping = signal.SIGTERM  # another rank was asked to stop: all stop at this iteration
+                if current_iter % log_opt.get('save_checkpoint_freq', math.inf) == 0 or stopping or finished:
+                    logger.info(f'saving the network and training state of iteration {current_iter}')
+                    saved = save_state(epoch)
+                if current_iter % log_opt.get('save_latest_freq', math.inf) == 0:
+                    model.save_network(model.net, 'net', -1)
+                if stopping:
+                    if opt['dist']:
+                        barrier()  # rank 0 has written the state before any rank exits
+                    raise TrainingInterrupted(stopping, current_iter, saved)
+                if finished or ('debug' in opt['name'] and current_iter >= 8):
+                    break
+                data_timer.start()
+                iter_timer.start()
+                train_data = prefetcher.next()
+            if finished:
+                break
+            model.update_learning_rate(epoch + 2, warmup_iter=opt['train'].get('warmup_iter', -1))
+            if 'debug' in opt['name'] and epoch >= 2:
+                break
+
+    logger.info('end of training; saving net_latest.pth')
+    model.save_network(model.net, 'net', -1)
+    if val_opt is not None:
+        for val_loader in val_loaders:
+            model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+    if tb_logger:
+        tb_logger.close()
+    return model.best_metric_results
+
+
+def train(argv: Sequence[str], root_path: Optional[str] = None) -> Dict[str, Any]:
+    """Train from a YAML (``-opt``) with the plugin loaded; returns the best validation results."""
     root_path = root_path or os.getcwd()
     opt, args = parse_training_options(argv, root_path)
-    with _cpu_capable_resume():
-        return train_pipeline(root_path, opt, args)
+    return run_training(opt, args, root_path)
 
 
 # -------------------------------------------------------------------------------------------------- protocol
@@ -150,17 +404,23 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     """The paper's protocol: per run a new random split and N-shot sample, train, evaluate on that run's test split.
 
     ``select='val'`` picks each run's checkpoint on the validation carve-out of the pool; ``select='test'``
-    reproduces the official code, which picks the best epoch on the test split itself (optimistic).
+    reproduces the official code, which picks the best epoch on the test split itself (optimistic). Under
+    ``--launcher pytorch`` the runs are spread over the ranks, each trained by one rank alone; rank 0 writes the
+    tables, the same as one process's. Returns every run's row (on every rank).
     """
     import pandas as pd
-    from pyiqa.train import train_pipeline
-    from pyiqa.utils import set_random_seed
     from pyiqa.utils.options import make_paths
+
+    from .distributed import all_gather_objects, shard
+    from .options import seed_everything
 
     if select not in ('val', 'test'):
         raise ValueError(f'select must be val or test, got {select!r}')
     root_path = root_path or os.getcwd()
-    base_opt, args = parse_training_options(argv, root_path)
+    base_opt, args = parse_training_argv(argv)
+    rank, world_size = join_launch(base_opt, args.launcher)
+    base_opt = prepare_options(base_opt, args, root_path)  # each run is one process: rank 0 of 1
+    check_training_options(base_opt)
     if not _fewshot_datasets(base_opt):
         raise ValueError('the protocol needs FewShotNRDataset datasets (num_shots, split_seed) in the config')
     val_sets = [d for phase, d in base_opt['datasets'].items() if phase.startswith('val')]
@@ -171,7 +431,7 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     first_seed = int(_fewshot_datasets(base_opt)[0].get('split_seed', 0))
     device = 'cuda' if base_opt.get('num_gpu', 0) != 0 and torch.cuda.is_available() else 'cpu'
     rows = []
-    for run in range(runs):
+    for run in shard(list(range(runs)), rank, world_size):
         opt = copy.deepcopy(base_opt)
         seed = first_seed + run
         for dataset in _fewshot_datasets(opt):
@@ -181,15 +441,18 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
         opt['name'] = f'{base_opt["name"]}_run{run:02d}'
         opt['manual_seed'] = int(base_opt.get('manual_seed', 0)) + run
         make_paths(opt, root_path)
-        set_random_seed(opt['manual_seed'])
-        with _cpu_capable_resume():
-            train_pipeline(root_path, opt, args)
+        seed_everything(opt['manual_seed'])
+        run_training(opt, args, root_path)
         test_opt = copy.deepcopy(_fewshot_datasets(opt)[0])
         test_opt.update(phase='test', override_phase='test', name=f'{test_opt.get("name", "data")}_test')
         best = os.path.join(opt['path']['models'], 'net_best.pth')
         result = evaluate_checkpoint(opt['network'], best, test_opt, device=device)
         rows.append({'run': run, 'split_seed': seed, **result, 'checkpoint': best})
         print(f'run {run}: split_seed {seed}  test SRCC {result["srcc"]:.4f}  PLCC {result["plcc"]:.4f}', flush=True)
+    if world_size > 1:
+        rows = sorted((row for part in all_gather_objects(rows) for row in part), key=lambda row: row['run'])
+        if rank != 0:
+            return rows
 
     table = pd.DataFrame(rows)
     metrics = ['srcc', 'plcc', 'krcc']
@@ -197,7 +460,8 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
                             for stat in ('mean', 'median', 'std')])
     out_dir = out_dir or os.path.join(root_path, 'experiments', f'{base_opt["name"]}_protocol')
     os.makedirs(out_dir, exist_ok=True)
-    pd.concat([table, summary], ignore_index=True).to_csv(os.path.join(out_dir, 'protocol.csv'), index=False)
+    atomic_write_text(os.path.join(out_dir, 'protocol.csv'),
+                      pd.concat([table, summary], ignore_index=True).to_csv(index=False))
     selection = ('checkpoint chosen on the validation carve-out of the training pool' if select == 'val' else
                  'checkpoint chosen on the TEST split, as the official code does: optimistic')
     lines = [f'# {base_opt["name"]}: {runs} runs, {selection}', '', '| run | split_seed | test images | SRCC | PLCC |',
@@ -205,8 +469,7 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     lines += [f'| {r["run"]} | {r["split_seed"]} | {r["num_test"]} | {r["srcc"]:.4f} | {r["plcc"]:.4f} |' for r in rows]
     for _, s in summary.iterrows():
         lines.append(f'| **{s["run"]}** | | | {s["srcc"]:.4f} | {s["plcc"]:.4f} |')
-    with open(os.path.join(out_dir, 'protocol.md'), 'w') as handle:
-        handle.write('\n'.join(lines) + '\n')
+    atomic_write_text(os.path.join(out_dir, 'protocol.md'), '\n'.join(lines) + '\n')
     print(f'\n{selection}')
     print(f'SRCC mean {table.srcc.mean():.4f} median {table.srcc.median():.4f} | '
           f'PLCC mean {table.plcc.mean():.4f} median {table.plcc.median():.4f}')

@@ -14,7 +14,8 @@ from pyiqa.utils import set_random_seed
 from grmp_test_utils import training_options
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.models.finetune_model import TrainingConfigError
-from pyiqa_grmp.train import evaluate_checkpoint, load_resume_state_anywhere, parse_training_options
+from pyiqa_grmp.checkpointing import find_resume_state
+from pyiqa_grmp.train import evaluate_checkpoint, parse_training_options
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 
@@ -104,7 +105,8 @@ def test_resume_restores_weights_optimizer_and_schedule(synthetic_workdir):
     model.plateau_state['bad_evals'] = 2
     model.save(epoch=0, current_iter=3)
     resumed = build_model(_options(synthetic_workdir))
-    state = load_resume_state_anywhere({'auto_resume': True, 'path': dict(opt['path'])})
+    _, state = find_resume_state(opt['path']['training_states'],
+                                 lambda it: os.path.join(opt['path']['models'], f'net_{it}.pth'))
     resumed.resume_training(state)
     saved_net, new_net = model.get_bare_model(model.net), resumed.get_bare_model(resumed.net)
     assert all(torch.equal(a, b) for a, b in zip(saved_net.state_dict().values(), new_net.state_dict().values()))

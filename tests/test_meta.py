@@ -133,7 +133,8 @@ def _feed_task(model, opt, index=0):
     task = build_dataset(copy.deepcopy(opt['datasets']['train']))[index]
     model.feed_data({'images': task['images'][None], 'mos': task['mos'][None], 'task': [task['task']],
                      'source': torch.tensor([task['source']]),
-                     'num_source_tasks': torch.tensor([task['num_source_tasks']])})
+                     'num_source_tasks': torch.tensor([task['num_source_tasks']]), 'idle': torch.tensor([False]),
+                     'item_seed': torch.tensor([0])})
 
 
 def test_outer_step_moves_theta_by_exactly_beta_toward_the_snapshot_mean(synthetic_workdir):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ from torch.utils import data
 
 from .fewshot_dataset import DatasetConfigError, row_filter_mask, stored_square
 from .image_io import read_image
+from .samplers import IdleSlot, TaskRoundSampler
 
 #: KADID-10k ``I01_03_02.png`` and TID2013 ``i01_03_2.bmp``: reference, type, level.
 DEFAULT_TYPE_PATTERN = r'^[iI]\d+_(\d+)_\d+\.\w+$'
@@ -137,12 +138,20 @@ class DistortionTaskDataset(data.Dataset):
     def __len__(self) -> int:
         return len(self.tasks) if self.phase == 'train' else len(self.held_out)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: Union[int, IdleSlot]) -> dict:
+        if isinstance(index, IdleSlot):  # a rank's turn without a task in parallel meta-training
+            return {'images': torch.zeros(0, 3, self.resize, self.resize, dtype=torch.uint8),
+                    'mos': torch.zeros(0), 'task': '', 'source': index.source, 'idle': True,
+                    'num_source_tasks': self.tasks_per_source[index.source]}
         if self.phase != 'train':
             path, label = self.held_out[index]
             return {'img': self._load(path).float() / 255, 'mos_label': torch.tensor([label]), 'img_path': path}
         task = self.tasks[index]
         return {'images': torch.stack([self._load(path) for path, _ in task['items']]),
                 'mos': torch.tensor([mos for _, mos in task['items']], dtype=torch.float32),
-                'task': task['name'], 'source': task['source'],
+                'task': task['name'], 'source': task['source'], 'idle': False,
                 'num_source_tasks': self.tasks_per_source[task['source']]}
+
+    def round_sampler(self, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> TaskRoundSampler:
+        """The sampler of meta-training rounds over this dataset's tasks (phase train)."""
+        return TaskRoundSampler([task['source'] for task in self.tasks], num_replicas, rank, seed, shuffle)

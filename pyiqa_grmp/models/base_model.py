@@ -15,6 +15,9 @@ from pyiqa.models.general_iqa_model import GeneralIQAModel
 from pyiqa.utils import get_root_logger
 from torch import nn
 
+from ..checkpointing import STATE_FORMAT, atomic_torch_save
+from ..distributed import broadcast_object, broadcast_tensors_, get_rank
+
 
 class TrainingConfigError(ValueError):
     """A training option is invalid; raised while building the model, before any training step."""
@@ -65,6 +68,7 @@ class GRMPBaseModel(GeneralIQAModel):
             raise TrainingConfigError(f'val.select_by names {unknown}, which are not in val.metrics '
                                       f'{list(val_opt["metrics"])}')
         self.best_monitor = -math.inf
+        self.best_metric_results: dict = {}  # pyiqa's record of the best validation results; empty without val
         super().__init__(opt)
 
     def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str = 'params') -> None:
@@ -92,6 +96,40 @@ class GRMPBaseModel(GeneralIQAModel):
         """Scores and labels of a whole loader, in eval mode."""
         return predict_loader(self.get_bare_model(self.net), dataloader, self.device)
 
+    # -------------------------------------------------------------------------------------- several ranks
+    def model_to_device(self, net: nn.Module) -> nn.Module:
+        """The network on this rank's device, never wrapped: DDP synchronises gradients only through
+        ``backward()``, and the models here take theirs with ``autograd.grad`` (fine-tuning) or train each rank on
+        its own tasks (meta-training); each model synchronises exactly what its rule needs instead."""
+        return net.to(self.device)
+
+    def broadcast_initial_weights(self) -> None:
+        """Every rank starts from rank 0's weights (pyiqa seeds each rank differently)."""
+        if self.opt.get('dist'):
+            net = self.get_bare_model(self.net)
+            broadcast_tensors_([*net.parameters(), *net.buffers()])
+
+    def validation_decisions(self) -> dict:
+        """What a validation decides and every rank must share: the best so far, learning rates."""
+        return {'best_monitor': self.best_monitor, 'best_metric_results': self.best_metric_results,
+                'lrs': [[group['lr'] for group in o.param_groups] for o in self.optimizers]}
+
+    def apply_validation_decisions(self, decisions: dict) -> None:
+        """Inverse of :meth:`validation_decisions`, on the ranks that did not validate."""
+        self.best_monitor, self.best_metric_results = decisions['best_monitor'], decisions['best_metric_results']
+        for optimizer, lrs in zip(self.optimizers, decisions['lrs']):
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group['lr'] = lr
+
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """Rank 0 validates and decides (best checkpoint, plateau rule); the decisions are broadcast, so every
+        rank continues with the same learning rates and stops at the same iteration."""
+        if get_rank() == 0:
+            self.nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        decisions = broadcast_object(self.validation_decisions() if get_rank() == 0 else None)
+        if get_rank() != 0:
+            self.apply_validation_decisions(decisions)
+
     def validate_and_select(self, dataloader, current_iter: int, tb_logger) -> bool:
         """Compute ``val.metrics``; save ``net_best.pth`` when the sum of ``select_by`` beats the best so far."""
         dataset_name = dataloader.dataset.opt['name']
@@ -109,7 +147,27 @@ class GRMPBaseModel(GeneralIQAModel):
         self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
         return improved
 
-    # ------------------------------------------------------------------------------------------ resume
+    # -------------------------------------------------------------------------------------- saving, resume
+    def training_finished(self) -> bool:
+        """True once the model's own rule (e.g. the lr plateau) ended training; the loop then stops."""
+        return False
+
+    def save_network(self, net: nn.Module, net_label: str, current_iter: Optional[int] = None,
+                     param_key: str = 'params') -> None:
+        """``models/<label>[_<iter>|_latest].pth`` as ``{param_key: state_dict}``, written atomically by rank 0."""
+        if self.opt.get('rank', 0) != 0:
+            return
+        suffix = '' if current_iter is None else '_latest' if current_iter == -1 else f'_{current_iter}'
+        weights = {key[len('module.'):] if key.startswith('module.') else key: value.detach().cpu()
+                   for key, value in self.get_bare_model(net).state_dict().items()}
+        atomic_torch_save({param_key: weights}, os.path.join(self.opt['path']['models'], f'{net_label}{suffix}.pth'))
+
+    def save(self, epoch: int, current_iter: int, loop_state: Optional[dict] = None) -> None:
+        """The network, then (for a real iteration) the training state that refers to it."""
+        self.save_network(self.net, 'net', current_iter)
+        if current_iter != -1:
+            self.save_training_state(epoch, current_iter, loop_state)
+
     def extra_training_state(self) -> dict:
         """Model-specific state to resume with (builtin types and tensors only)."""
         return {}
@@ -117,22 +175,23 @@ class GRMPBaseModel(GeneralIQAModel):
     def restore_extra_training_state(self, state: dict) -> None:
         """Inverse of :meth:`extra_training_state`."""
 
-    def save_training_state(self, epoch: int, current_iter: int) -> None:
-        """pyiqa's state (optimizer, schedulers) plus best results and the model's own state; weights are in
-        ``models/net_<iter>.pth``, saved alongside by :meth:`save`."""
-        if current_iter == -1:
+    def save_training_state(self, epoch: int, current_iter: int, loop_state: Optional[dict] = None) -> None:
+        """``training_states/<iter>.state`` in one atomic write: optimizers, schedulers, the best results so far,
+        the model's own state, the loop's (position in the epoch, generators) and the options it depends on.
+        The weights are in ``models/net_<iter>.pth``, written before it by :meth:`save`."""
+        if current_iter == -1 or self.opt.get('rank', 0) != 0:
             return
-        super().save_training_state(epoch, current_iter)
-        path = os.path.join(self.opt['path']['training_states'], f'{current_iter}.state')
-        if os.path.isfile(path):
-            state = torch.load(path, map_location='cpu', weights_only=True)
-            state['grmp'] = plain({'best_monitor': self.best_monitor,
-                                   'best_metric_results': getattr(self, 'best_metric_results', {}),
-                                   'model': self.extra_training_state()})
-            torch.save(state, path)
+        state = {'format': STATE_FORMAT, 'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers],
+                 'grmp': plain({'best_monitor': self.best_monitor, 'best_metric_results': self.best_metric_results,
+                                'model': self.extra_training_state()}),
+                 'loop': loop_state or {}, 'fingerprint': plain(getattr(self, 'resume_fingerprint', None))}
+        atomic_torch_save(state, os.path.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state: dict) -> None:
-        """Restore the network weights too (pyiqa restores only optimizers and schedulers)."""
+        """Restore the network weights of the state's iteration, optimizers, schedulers, best results and the
+        model's own state (pyiqa restores only optimizers and schedulers)."""
         weights = os.path.join(self.opt['path']['models'], f'net_{resume_state["iter"]}.pth')
         if not os.path.isfile(weights):
             raise FileNotFoundError(f'cannot resume: network weights {weights} of iteration {resume_state["iter"]} '
@@ -141,7 +200,5 @@ class GRMPBaseModel(GeneralIQAModel):
         super().resume_training(resume_state)
         extra = resume_state.get('grmp', {})
         self.best_monitor = extra.get('best_monitor', self.best_monitor)
-        if extra.get('best_metric_results'):
-            self.best_metric_results = extra['best_metric_results']
-            self.key_metric = self.opt.get('val', {}).get('key_metric')
+        self.best_metric_results = extra.get('best_metric_results') or {}
         self.restore_extra_training_state(extra.get('model', {}))

@@ -19,6 +19,7 @@ from pyiqa.utils import get_root_logger
 from torch import nn
 
 from ..archs.grmp_arch import GRMPIQA
+from ..distributed import average_gradients
 from ..gradreg import MODES, regularize_gradients
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
@@ -81,6 +82,7 @@ class GRMPFinetuneModel(GRMPBaseModel):
 
     # ----------------------------------------------------------------------------------------- set-up
     def init_training_settings(self) -> None:
+        self.broadcast_initial_weights()  # before the teacher is built from them
         net = self.get_bare_model(self.net)
         self.trainable_params = self._set_trainable(net)
         net.train()
@@ -144,6 +146,8 @@ class GRMPFinetuneModel(GRMPBaseModel):
         g_d = torch.autograd.grad(l_quality_scaled, params, retain_graph=need_semantic, allow_unused=True)
         g_g = (torch.autograd.grad(l_scene_scaled, params, allow_unused=True) if need_semantic
                else [None] * len(params))
+        if self.opt.get('dist'):  # the mean over all ranks' shots, before the (non-linear) projection
+            g_d, g_g = average_gradients(g_d), average_gradients(g_g)
         if self.scaler is not None:
             # fp16: unscale both before projecting. The scaler unscales g_d (held in .grad) and records overflow;
             # an overflowing g_g only gives no direction this step.
@@ -199,8 +203,23 @@ class GRMPFinetuneModel(GRMPBaseModel):
                                    'the remaining iterations of the loop are skipped')
 
     # ------------------------------------------------------------------------------------------ resume
+    def training_finished(self) -> bool:
+        return bool(self.plateau_state['stopped'])
+
+    def validation_decisions(self) -> dict:
+        return {**super().validation_decisions(), 'plateau': dict(self.plateau_state)}
+
+    def apply_validation_decisions(self, decisions: dict) -> None:
+        super().apply_validation_decisions(decisions)
+        self.plateau_state.update(decisions['plateau'])
+
     def extra_training_state(self) -> dict:
-        return {'plateau': dict(self.plateau_state)}
+        state = {'plateau': dict(self.plateau_state)}
+        if self.scaler is not None:
+            state['scaler'] = self.scaler.state_dict()
+        return state
 
     def restore_extra_training_state(self, state: dict) -> None:
         self.plateau_state.update(state.get('plateau', {}))
+        if self.scaler is not None and 'scaler' in state:
+            self.scaler.load_state_dict(state['scaler'])

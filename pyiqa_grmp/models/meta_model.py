@@ -20,6 +20,8 @@ import torch
 from pyiqa.utils import get_root_logger
 
 from ..archs.grmp_arch import random_crop_and_flip, square_resize
+from ..data.samplers import item_seed
+from ..distributed import all_reduce_sum_
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
 #: Parameters trained in pre-training: the text context and the visual prompts with their projection and norm.
@@ -54,6 +56,11 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         super().__init__(opt)
 
     def init_training_settings(self) -> None:
+        if self.opt.get('dist') and self.meta['mode'] != 'reptile':
+            raise TrainingConfigError(
+                f'train.meta.mode {self.meta["mode"]!r} trains one inner model across tasks in sequence, which cannot '
+                'run on several processes; use mode reptile (parallel Reptile) or launch one process')
+        self.broadcast_initial_weights()
         net = self.get_bare_model(self.net)
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith(PROMPT_PREFIXES))
@@ -61,7 +68,7 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         self.theta = [p.detach().clone() for p in self.prompt_params]
         self.snapshot_sums: Dict[int, List[torch.Tensor]] = {}
         self.snapshot_counts: Dict[int, int] = {}
-        self.generator = torch.Generator().manual_seed(int(self.meta['seed']))
+        self.log_dict: Dict[str, float] = {}
         self.cri_quality = self.build_quality_loss()
         net.train()
         self.setup_optimizers()  # over the prompt tensors, the only parameters that require gradients
@@ -77,6 +84,8 @@ class GRMPMetaPromptModel(GRMPBaseModel):
             return
         if data['images'].shape[0] != 1:
             raise TrainingConfigError('meta-training takes one task per iteration: set batch_size_per_gpu: 1')
+        self.task_idle = bool(data['idle'][0])
+        self.task_seed = int(data['item_seed'][0])
         self.task_images = data['images'][0].to(self.device)
         self.task_mos = data['mos'][0].float().to(self.device)
         self.task_source = int(data['source'][0])
@@ -91,7 +100,16 @@ class GRMPMetaPromptModel(GRMPBaseModel):
 
     # ---------------------------------------------------------------------------------------- training
     def optimize_parameters(self, current_iter: int) -> None:
-        """One task: inner steps from theta (reptile) or from where the inner model is (official)."""
+        """One task (none on an idle slot), then its snapshot summed over the ranks (see :meth:`_add_snapshot`)."""
+        if not self.task_idle:
+            devices = [self.device] if self.device.type == 'cuda' else []
+            with torch.random.fork_rng(devices=devices):  # the task's own randomness, whichever rank runs it
+                torch.manual_seed(item_seed(int(self.meta['seed']), self.task_seed))
+                self.log_dict = self._train_task()
+        self._add_snapshot()
+
+    def _train_task(self) -> Dict[str, float]:
+        """Inner steps from theta (reptile) or from where the inner model is (official); the last losses."""
         net = self.get_bare_model(self.net)
         if self.meta['mode'] == 'reptile':
             with torch.no_grad():
@@ -99,7 +117,7 @@ class GRMPMetaPromptModel(GRMPBaseModel):
                     param.copy_(meta_value)
         self.optimizer.state.clear()  # a fresh inner optimiser for every task
         count = self.task_images.shape[0]
-        order = torch.randperm(count, generator=self.generator).to(self.device)
+        order = torch.randperm(count).to(self.device)
         num_support = min(count - 1, max(1, round(self.meta['support_ratio'] * count)))
         support, query = order[:num_support], order[num_support:]
         support_labels, query_labels = _minmax(self.task_mos[support]), _minmax(self.task_mos[query])
@@ -112,8 +130,7 @@ class GRMPMetaPromptModel(GRMPBaseModel):
             query_start = query_starts[step % len(query_starts)]  # the query batches cycle
             batch = slice(query_start, query_start + query_batch)
             losses['l_query'] = self._inner_step(net, self._pixels(query[batch], False), query_labels[batch])
-        self._add_snapshot()
-        self.log_dict = self.reduce_loss_dict(losses)
+        return OrderedDict((name, float(value)) for name, value in losses.items())
 
     def _inner_step(self, net, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,15 +140,20 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         return loss.detach()
 
     def _add_snapshot(self) -> None:
+        """Add this iteration's task snapshots, summed over the ranks (an idle rank adds zeros), to its source's
+        sum; once every task of the source is in, the outer update (the same on every rank)."""
         source = self.task_source
         with torch.no_grad():
+            snapshot = [torch.zeros_like(p) if self.task_idle else p.detach().clone() for p in self.prompt_params]
+            count = torch.tensor([0.0 if self.task_idle else 1.0], device=self.device)
+            if self.opt.get('dist'):
+                all_reduce_sum_([*snapshot, count])
             if source not in self.snapshot_sums:
-                self.snapshot_sums[source] = [p.detach().clone() for p in self.prompt_params]
-                self.snapshot_counts[source] = 1
-            else:
-                for total, param in zip(self.snapshot_sums[source], self.prompt_params):
-                    total.add_(param)
-                self.snapshot_counts[source] += 1
+                self.snapshot_sums[source] = [torch.zeros_like(p) for p in self.prompt_params]
+                self.snapshot_counts[source] = 0
+            for total, part in zip(self.snapshot_sums[source], snapshot):
+                total.add_(part)
+            self.snapshot_counts[source] += int(round(count.item()))
         if self.snapshot_counts[source] >= self.source_size:
             self.outer_update(source)
 
@@ -162,18 +184,18 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         with self.theta_in_network():
             self.validate_and_select(dataloader, current_iter, tb_logger)
 
-    def save(self, epoch: int, current_iter: int, save_net_label: str = 'net') -> None:
+    def save_network(self, net, net_label: str, current_iter=None, param_key: str = 'params') -> None:
+        """Checkpoints hold theta, never the inner model's prompts."""
         with self.theta_in_network():
-            super().save(epoch, current_iter, save_net_label)
+            super().save_network(net, net_label, current_iter, param_key)
 
     def extra_training_state(self) -> dict:
         return {'theta': [t.cpu() for t in self.theta], 'inner': [p.detach().cpu() for p in self.prompt_params],
                 'snapshot_sums': {str(s): [t.cpu() for t in v] for s, v in self.snapshot_sums.items()},
-                'snapshot_counts': {str(s): c for s, c in self.snapshot_counts.items()},
-                'generator': self.generator.get_state()}
+                'snapshot_counts': {str(s): c for s, c in self.snapshot_counts.items()}}
 
     def restore_extra_training_state(self, state: dict) -> None:
-        """The saved network holds theta; the inner prompts, snapshot sums and RNG come from the state."""
+        """The saved network holds theta; the inner prompts and snapshot sums come from the state."""
         if not state:
             return
         with torch.no_grad():
@@ -182,4 +204,3 @@ class GRMPMetaPromptModel(GRMPBaseModel):
                 param.copy_(value)
         self.snapshot_sums = {int(s): [t.to(self.device) for t in v] for s, v in state['snapshot_sums'].items()}
         self.snapshot_counts = {int(s): c for s, c in state['snapshot_counts'].items()}
-        self.generator.set_state(state['generator'])
