@@ -21,6 +21,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from pyiqa.utils import get_root_logger
 
 import pyiqa_grmp  # noqa: F401  (registers our types)
 
@@ -191,16 +192,17 @@ def _prefetcher(loader, opt: dict):
 # --------------------------------------------------------------------------------------------- stop signals
 @contextlib.contextmanager
 def stop_requests() -> Iterator[Dict[str, Optional[int]]]:
-    """While training, SIGTERM and SIGINT only record that a stop was asked (a second one acts as usual)."""
+    """While training, SIGTERM and SIGINT only record that a stop was asked. A second Ctrl-C acts as usual;
+    SIGTERM stays recorded (launchers such as torchrun forward the one a scheduler sent, so it comes twice)."""
     request: Dict[str, Optional[int]] = {'signal': None}
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def record(signum, frame) -> None:
-        request['signal'] = signum
-        for name in ('SIGTERM', 'SIGINT'):
-            signal.signal(getattr(signal, name), previous[name])
+        request['signal'] = request['signal'] or signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, previous['SIGINT'])
 
     previous = {name: signal.getsignal(getattr(signal, name)) for name in ('SIGTERM', 'SIGINT')}
     for name in previous:
@@ -264,7 +266,7 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
     """
     from pyiqa.data import build_dataloader, build_dataset
     from pyiqa.models import build_model
-    from pyiqa.utils import AvgTimer, MessageLogger, get_env_info, get_root_logger, get_time_str
+    from pyiqa.utils import AvgTimer, MessageLogger, get_env_info, get_time_str
     from pyiqa.utils.options import dict2str
 
     opt['root_path'] = root_path
@@ -280,11 +282,11 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
     tb_logger = _tb_logger(opt)
 
     train_opt = opt['datasets']['train']
-    _, sampler, train_loader, total_epochs, total_iters = build_train_loader(opt, train_opt)
+    train_set, sampler, train_loader, total_epochs, total_iters = build_train_loader(opt, train_opt)
     val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=None,
                                     seed=opt['manual_seed'])
                    for phase, d in opt['datasets'].items() if phase.startswith('val')]
-    logger.info(f'training: {len(sampler.dataset)} images x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
+    logger.info(f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
                 f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
                 f'{total_iters} iterations')
     model = build_model(opt)
@@ -320,9 +322,9 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
             train_data = prefetcher.next()
             while train_data is not None:
                 data_timer.record()
-                current_iter += 1
-                if current_iter > total_iters:
+                if current_iter >= total_iters:
                     break
+                current_iter += 1
                 model.feed_data(train_data)
                 model.optimize_parameters(current_iter)
                 position += 1
@@ -357,6 +359,8 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
             if 'debug' in opt['name'] and epoch >= 2:
                 break
 
+    if opt['dist']:
+        _check_ranks_agree(model)
     logger.info('end of training; saving net_latest.pth')
     model.save_network(model.net, 'net', -1)
     if val_opt is not None:
@@ -365,6 +369,15 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
     if tb_logger:
         tb_logger.close()
     return model.best_metric_results
+
+
+def _check_ranks_agree(model) -> None:
+    """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise)."""
+    checksum = float(sum(t.detach().double().sum().item() for t in model.synchronised_tensors()))
+    checksums = all_gather_objects(checksum)
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f'the ranks ended training with different weights (checksums {checksums})')
+    get_root_logger().info(f'weights identical on all {len(checksums)} ranks (checksum {checksum:.6f})')
 
 
 def train(argv: Sequence[str], root_path: Optional[str] = None) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -108,6 +108,11 @@ class GRMPBaseModel(GeneralIQAModel):
         if self.opt.get('dist'):
             net = self.get_bare_model(self.net)
             broadcast_tensors_([*net.parameters(), *net.buffers()])
+
+    def synchronised_tensors(self) -> List[torch.Tensor]:
+        """The tensors every rank must hold identically (here: the whole network)."""
+        net = self.get_bare_model(self.net)
+        return [*net.parameters(), *net.buffers()]
 
     def validation_decisions(self) -> dict:
         """What a validation decides and every rank must share: the best so far, learning rates."""

@@ -180,6 +180,11 @@ class GRMPMetaPromptModel(GRMPBaseModel):
                 for param, value in zip(self.prompt_params, inner):
                     param.copy_(value)
 
+    def synchronised_tensors(self) -> List[torch.Tensor]:
+        """Theta and the frozen backbone; the inner prompts are each rank's own last task."""
+        net = self.get_bare_model(self.net)
+        return [*self.theta, *(p for n, p in net.named_parameters() if not n.startswith(PROMPT_PREFIXES))]
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         with self.theta_in_network():
             self.validate_and_select(dataloader, current_iter, tb_logger)
