@@ -67,6 +67,9 @@ def main() -> None:
     plain, meta = (summary[name] for name in candidates)
     print(f'ratio meta / plain: time {meta["seconds"] / plain["seconds"]:.3f}, peak memory '
           f'{meta["peak_mib"] / plain["peak_mib"]:.3f}  (memory target <= 1.2)')
+    print(f'result: task of {args.task_size}: peak +{meta["peak_mib"]:.0f} MiB vs plain +{plain["peak_mib"]:.0f} MiB '
+          f'(ratio {meta["peak_mib"] / plain["peak_mib"]:.3f}, target <= 1.2), time ratio '
+          f'{meta["seconds"] / plain["seconds"]:.3f}')
 
 
 if __name__ == '__main__':
