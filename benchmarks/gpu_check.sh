@@ -125,6 +125,9 @@ if [ -n "$wheels" ] && [ "$check_only" = 0 ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
         $(echo "$wheel_list" | awk -v dir="$wheels" '{print dir "/" $2}') ||
         { echo "gpu_check: pip install failed" >&2; exit 2; }
+    # pyiqa's wheel also installs top-level tests/, docs/, options/, build/ and ResultsCalibra/, which nothing
+    # imports; removed so that no top-level name can shadow one of ours.
+    rm -rf "$site"/tests "$site"/docs "$site"/options "$site"/build "$site"/ResultsCalibra
     export PYTHONPATH="$PWD:$site"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
