@@ -46,10 +46,18 @@ def measure(fn: Callable[[], object], device: torch.device) -> Dict[str, float]:
     return {'seconds': time.perf_counter() - start, 'peak_mib': peak}
 
 
+def backbone_spec(text: str):
+    """``--backbone``: an open_clip model name, or a config dict in YAML/JSON (e.g. a tiny ViT for dry runs)."""
+    import yaml
+
+    return yaml.safe_load(text) if text.lstrip().startswith('{') else text
+
+
 def benchmark_parser(description: str, runs: int, warmup: int = 1) -> argparse.ArgumentParser:
     """The options every benchmark takes: backbone, runs, warm-up, threads, device."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument('--backbone', default='ViT-B-16-quickgelu')
+    parser.add_argument('--backbone', type=backbone_spec, default='ViT-B-16-quickgelu',
+                        help='open_clip model name or a config dict for open_clip.model.CLIP, as YAML')
     parser.add_argument('--runs', type=int, default=runs)
     parser.add_argument('--warmup', type=int, default=warmup)
     parser.add_argument('--threads', type=int, default=2)
@@ -76,7 +84,8 @@ def run_side_by_side(candidates: Dict[str, Callable[[], object]], args, device: 
         for name, fn in candidates.items():
             runs[name].append(measure(fn, device))
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else os.uname().machine
-    print(f'device={device} ({where}) backbone={args.backbone} threads={args.threads} runs={args.runs} {details} '
+    backbone = args.backbone if isinstance(args.backbone, str) else 'config dict'
+    print(f'device={device} ({where}) backbone={backbone} threads={args.threads} runs={args.runs} {details} '
           f'torch={torch.__version__}')
     summary = {}
     for name, results in runs.items():

@@ -66,8 +66,11 @@ def main() -> None:
                f'prompt parameters={sum(t.numel() for t in model.theta):,}')
     summary = run_side_by_side(candidates, args, device, details)
     plain, meta = (summary[name] for name in candidates)
-    print(f'ratio meta / plain: time {meta["seconds"] / plain["seconds"]:.3f}, peak memory '
-          f'{meta["peak_mib"] / plain["peak_mib"]:.3f}  (memory target <= 1.2)')
+    memory = meta['peak_mib'] / plain['peak_mib'] if plain['peak_mib'] > 0 else float('nan')  # tiny models: ~0
+    print(f'ratio meta / plain: time {meta["seconds"] / plain["seconds"]:.3f}, peak memory {memory:.3f}  '
+          '(memory target <= 1.2)')
+    print(f'result: task of {args.task_size}: peak +{meta["peak_mib"]:.0f} MiB vs plain +{plain["peak_mib"]:.0f} MiB '
+          f'(ratio {memory:.3f}, target <= 1.2), time ratio {meta["seconds"] / plain["seconds"]:.3f}')
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from .comparison import add_compare_parser
+from .precision import add_precision_argument, add_precision_option
 from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
 
 
@@ -30,8 +31,9 @@ def _print_report(report: ScoreReport, verbose: bool) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    options = add_precision_option(args.metrics, parse_metric_options(args.metric_opt), args.precision, args.device)
     report = score_images(args.metrics, args.target, args.ref, args.device, args.batch_size, progress=True,
-                          metric_options=parse_metric_options(args.metric_opt))
+                          metric_options=options)
     _print_report(report, args.verbose)
     if args.csv:
         write_csv(report, args.csv)
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
                        help='option for one metric, value parsed as YAML, e.g. '
                             'grmp_iqa:pretrained_model_path=experiments/x/models/net_best.pth (repeatable)')
+    add_precision_argument(score)
     score.add_argument('--csv', help='write per-image scores and failures to this CSV file')
     score.add_argument('-v', '--verbose', action='store_true', help='print the score of every image')
     score.set_defaults(handler=_cmd_score)

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from .data.fewshot_dataset import few_shot_split
+from .precision import add_precision_argument, add_precision_option
 from .scoring import ScoreReport, create_metrics, parse_metric_options, score_paths
 
 
@@ -484,6 +485,7 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
                         help='option for one metric (NAME may be NAME@TAG), value parsed as YAML (repeatable)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    add_precision_argument(parser)
     parser.add_argument('--batch-size', type=int, default=8, help='images per forward pass (equal sizes only)')
     parser.add_argument('--out', default='results/compare',
                         help='folder for results.csv, results.md, per_image.csv, scatter.png (default results/compare)')
@@ -496,7 +498,10 @@ def run_compare_command(args: argparse.Namespace) -> int:
     table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
                     root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
                     train_ratio=args.train_ratio, mos_lower_better=args.mos_lower_better,
-                    metric_options=parse_metric_options(args.metric_opt), device=args.device,
+                    metric_options=add_precision_option(args.metrics, parse_metric_options(args.metric_opt),
+                                                        args.precision, args.device,
+                                                        lambda name: split_metric_name(name)[0]),
+                    device=args.device,
                     batch_size=args.batch_size, out_dir=args.out, progress=True)
     print(results_markdown(table, table.attrs['description']))
     print(f'wrote {os.path.join(args.out, "results.csv")}, results.md, per_image.csv and scatter.png')

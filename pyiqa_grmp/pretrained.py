@@ -64,7 +64,8 @@ WEIGHT_VARIANTS: Dict[str, WeightVariant] = {
         licence='MIT (LXDxmu/GRMP-IQA); the CLIP weights inside are OpenAI CLIP (MIT)',
         provenance=('Released by the authors on the Hugging Face repository zzhowe/GRMP-IQA, named in the README '
                     'of github.com/LXDxmu/GRMP-IQA. Its internal layout could not be inspected offline; the loader '
-                    'accepts the official CustomCLIP state dict, bare or nested, with or without "module.".'),
+                    'accepts the official CustomCLIP state dict, bare or nested, with or without "module.", and the '
+                    'whole pickled module, read without the official code and without executing anything.'),
     ),
 }
 

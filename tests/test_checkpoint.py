@@ -192,3 +192,112 @@ def test_backbone_checkpoint_of_another_shape_names_the_keys(tiny_checkpoint):
     other['vision_cfg']['width'] = 32
     with pytest.raises(CheckpointMismatchError, match=r'shape mismatches .*clip\.visual'):
         GRMPIQA(**tiny_model_kwargs(backbone=other, backbone_pretrained=tiny_checkpoint))
+
+
+# ------------------------------------------------------------------------------ whole pickled modules
+GHOST_MODULE = 'grmp_official_ghost'
+
+
+def _pickle_whole_without_its_classes(model: torch.nn.Module, path, wrap_in_module: bool = False) -> None:
+    """``torch.save(model)`` with the model's own classes defined only here, then made unimportable.
+
+    Each class of the reference model is re-declared in a throwaway module (as the official code's classes
+    would be), the model is saved whole, and the throwaway module is removed from ``sys.modules``.
+    """
+    import sys
+    import types
+
+    import official_grmp_reference as reference
+
+    ghost = types.ModuleType(GHOST_MODULE)
+    own = {cls for cls in vars(reference).values() if isinstance(cls, type) and cls.__module__ == reference.__name__}
+    for cls in own:
+        setattr(ghost, cls.__name__, type(cls.__name__, (cls,), {'__module__': GHOST_MODULE}))
+    for module in model.modules():
+        if type(module) in own:
+            module.__class__ = getattr(ghost, type(module).__name__)
+    root = model
+    if wrap_in_module:  # as DataParallel / DDP would: the model under ``module``
+        ghost.Wrapper = type('Wrapper', (torch.nn.Module,), {'__module__': GHOST_MODULE})
+        root = ghost.Wrapper()
+        root.module = model
+    sys.modules[GHOST_MODULE] = ghost
+    try:
+        torch.save(root, path)
+    finally:
+        del sys.modules[GHOST_MODULE]
+
+
+@pytest.mark.parametrize('form', ['fp32', 'fp16_wrapped'])
+def test_pickled_official_module_scores_exactly_like_its_state_dict(tmp_path, form):
+    official = _official_model()
+    if form == 'fp16_wrapped':
+        official = official.half()
+    state_path, module_path = tmp_path / 'state.pt', tmp_path / 'model.pt'
+    torch.save(official.state_dict(), state_path)
+    _pickle_whole_without_its_classes(official, module_path, wrap_in_module=form == 'fp16_wrapped')
+    with pytest.raises((ModuleNotFoundError, AttributeError), match=GHOST_MODULE):
+        torch.load(module_path, weights_only=False)  # the classes are gone: a plain torch.load cannot open it
+    from_state, from_module = _ours_from(state_path), _ours_from(module_path)
+    images = torch.rand(3, 3, 244, 244)
+    with torch.no_grad():
+        assert torch.equal(from_module(images), from_state(images))
+    for key, value in from_state.state_dict().items():
+        assert torch.equal(from_module.state_dict()[key], value), key
+
+
+def test_pickled_module_reports_its_class(tmp_path):
+    from pyiqa_grmp.archs.checkpoint import read_grmp_checkpoint
+
+    path = tmp_path / 'model.pt'
+    _pickle_whole_without_its_classes(_official_model(), path)
+    checkpoint = read_grmp_checkpoint(str(path))
+    assert checkpoint.source == 'official'
+    assert checkpoint.container == f'pickled module {GHOST_MODULE}.OfficialCustomCLIP'
+
+
+class _RunsCode:
+    """Unpickling this would run ``command`` (a ``__reduce__`` to ``os.system`` or ``exec``)."""
+
+    def __init__(self, how: str, marker) -> None:
+        self.how, self.marker = how, str(marker)
+
+    def __reduce__(self):
+        import os
+
+        if self.how == 'os.system':
+            return os.system, (f'touch {self.marker}',)
+        return exec, (f'open({self.marker!r}, "w").close()',)
+
+
+@pytest.mark.parametrize('how', ['os.system', 'exec'])
+@pytest.mark.parametrize('where', ['root', 'inside_module'])
+def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, how, where):
+    import pickle
+
+    pickle.loads(pickle.dumps(_RunsCode(how, tmp_path / 'live')))
+    assert (tmp_path / 'live').exists()  # the payload is live: a plain unpickler runs it
+    marker = tmp_path / 'marker'
+    payload = _RunsCode(how, marker)
+    path = tmp_path / 'evil.pt'
+    if where == 'root':
+        torch.save(payload, path)
+    else:
+        model = make_tiny_model()
+        model.payload = payload
+        torch.save(model, path)
+    called = 'posix.system' if how == 'os.system' else 'builtins.exec'
+    with pytest.raises(CheckpointMismatchError, match=rf'calls {called}.*not allowed.*Nothing in the file was '
+                                                      'executed'):
+        _ours_from(path)
+    assert not marker.exists()
+
+
+def test_pickled_module_of_our_own_model_loads_identically(tmp_path):
+    model = make_tiny_model(seed=4)
+    path = tmp_path / 'whole.pth'
+    torch.save(model, path)
+    loaded = _ours_from(path)
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))

@@ -1,17 +1,35 @@
-"""CUDA checks (skipped without a GPU): the same scores on CPU and GPU."""
+"""CUDA checks (skipped without a GPU; run by benchmarks/gpu_check.sh): the same scores on CPU and GPU, the fast
+path on CUDA, half precision, training steps, the commands, and checkpoints across devices."""
+import copy
+import csv
+from pathlib import Path
+
 import pyiqa
 import pytest
 import torch
+from PIL import Image
+from pyiqa.data import build_dataset
+from pyiqa.models import build_model
 
 from conftest import make_tiny_model
-from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, photo_tensor
+from grmp_test_utils import (TINY_BACKBONE, TINY_NUM_PROMPTS, photo, photo_tensor, reference_score,
+                             tiny_model_kwargs, training_options)
+from pyiqa_grmp.archs.grmp_arch import GRMPIQA
+from pyiqa_grmp.cli import main
+from pyiqa_grmp.data.synthetic import META_INFO_NAME
 
 pytestmark = pytest.mark.gpu
 
+CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
 
-def test_cpu_and_gpu_scores_agree():
+
+@pytest.fixture(scope='module')
+def images() -> torch.Tensor:
+    return torch.cat([photo_tensor('astronaut', (300, 300)), photo_tensor('coffee', (300, 300))])
+
+
+def test_cpu_and_gpu_scores_agree(images):
     model = make_tiny_model()
-    images = torch.cat([photo_tensor('astronaut', (300, 300)), photo_tensor('coffee', (300, 300))])
     with torch.no_grad():
         cpu = model(images)
         gpu = model.cuda()(images.cuda()).cpu()
@@ -20,7 +38,121 @@ def test_cpu_and_gpu_scores_agree():
 
 def test_create_metric_on_cuda_matches_cpu(tiny_checkpoint):
     kwargs = dict(pretrained_model_path=tiny_checkpoint, backbone=TINY_BACKBONE, num_visual_prompts=TINY_NUM_PROMPTS)
-    images = photo_tensor('chelsea')
-    cpu = pyiqa.create_metric('grmp_iqa', device='cpu', **kwargs)(images)
-    gpu = pyiqa.create_metric('grmp_iqa', device='cuda', **kwargs)(images).cpu()
+    image = photo_tensor('chelsea')
+    cpu = pyiqa.create_metric('grmp_iqa', device='cpu', **kwargs)(image)
+    gpu = pyiqa.create_metric('grmp_iqa', device='cuda', **kwargs)(image).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-3)
+
+
+def test_cached_fast_path_equals_the_straightforward_path_on_cuda(images):
+    model = make_tiny_model().cuda()
+    with torch.no_grad():
+        fast = model(images.cuda())
+        fast_again = model(images.cuda())  # served from the cached prompt keys/values and text features
+        reference = reference_score(model, images.cuda())
+    assert torch.equal(fast, fast_again)
+    assert torch.allclose(fast, reference, atol=1e-4)  # SDPA kernels vs nn.MultiheadAttention: ~1e-6 expected
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_half_precision_on_cuda_is_close_to_fp32_with_fp32_scores(images, precision):
+    model = make_tiny_model().cuda()
+    with torch.no_grad():
+        exact = model(images.cuda())
+        model.precision = precision
+        half = model(images.cuda())
+    assert half.dtype == torch.float32
+    assert (half - exact).abs().max() < 0.03
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
+    assert model._constants['quality_text'][1].dtype == dtype
+    assert {t.dtype for pair in model._constants['prompt_kv'][1] for t in pair} == {dtype}
+
+
+def _finetune_options(workdir, **train):
+    opt = training_options(CONFIGS / 'finetune_synthetic.yml', workdir, **train)
+    opt['num_gpu'] = 1
+    return opt
+
+
+@pytest.mark.parametrize('amp', [None, 'bf16', 'fp16'])
+def test_finetuning_steps_on_cuda(synthetic_workdir, amp):
+    opt = _finetune_options(synthetic_workdir, amp=amp)
+    model = build_model(opt)
+    net = model.get_bare_model(model.net)
+    assert net.prompt_learner.ctx.is_cuda
+    assert (model.scaler is not None) == (amp == 'fp16')
+    dataset = build_dataset(copy.deepcopy(opt['datasets']['train']))
+    items = [dataset[i] for i in range(8)]
+    model.feed_data({'img': torch.stack([i['img'] for i in items]),
+                     'mos_label': torch.stack([i['mos_label'] for i in items])})
+    before = net.prompt_learner.ctx.detach().clone()
+    for step in range(1, 20):  # fp16: a step whose gradients overflow at the initial scale is skipped
+        model.optimize_parameters(step)
+        if not torch.equal(net.prompt_learner.ctx, before):
+            break
+    assert torch.isfinite(net.prompt_learner.ctx).all()
+    assert not torch.equal(net.prompt_learner.ctx, before)
+
+
+def test_meta_training_round_on_cuda(synthetic_workdir):
+    opt = training_options(CONFIGS / 'meta_pretrain_synthetic.yml', synthetic_workdir)
+    opt['network']['backbone_pretrained'] = None
+    opt['num_gpu'] = 1
+    model = build_model(opt)
+    theta_before = [t.detach().clone() for t in model.theta]
+    dataset = build_dataset(copy.deepcopy(opt['datasets']['train']))
+    for index in range(len(dataset)):  # every task once: one round, ending in the outer step
+        task = dataset[index]
+        model.feed_data({'images': task['images'][None], 'mos': task['mos'][None], 'task': [task['task']],
+                         'source': torch.tensor([task['source']]),
+                         'num_source_tasks': torch.tensor([task['num_source_tasks']])})
+        model.optimize_parameters(index + 1)
+    assert all(t.is_cuda and torch.isfinite(t).all() for t in model.theta)
+    assert any(not torch.equal(after, before) for after, before in zip(model.theta, theta_before))
+
+
+def _tiny_metric_options(checkpoint):
+    import yaml
+
+    backbone = yaml.safe_dump(TINY_BACKBONE, default_flow_style=True).strip()
+    return ['--metric-opt', f'grmp_iqa:pretrained_model_path={checkpoint}', '--metric-opt',
+            f'grmp_iqa:backbone={backbone}', '--metric-opt', f'grmp_iqa:num_visual_prompts={TINY_NUM_PROMPTS}']
+
+
+def test_score_command_on_cuda_matches_cpu(tiny_checkpoint, tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for name in ('astronaut', 'coffee', 'chelsea'):
+        Image.fromarray(photo(name)).save(folder / f'{name}.png')
+    scores = {}
+    for device in ('cpu', 'cuda'):
+        out = tmp_path / f'{device}.csv'
+        assert main(['score', 'grmp_iqa', '-t', str(folder), '--device', device, '--csv', str(out),
+                     *_tiny_metric_options(tiny_checkpoint)]) == 0
+        scores[device] = {row['image']: float(row['grmp_iqa']) for row in csv.DictReader(out.open())}
+    assert scores['cpu'].keys() == scores['cuda'].keys() and len(scores['cpu']) == 3
+    assert all(abs(scores['cpu'][k] - scores['cuda'][k]) < 1e-3 for k in scores['cpu'])
+
+
+def test_compare_command_on_cuda(synthetic_workdir, tiny_checkpoint, tmp_path):
+    import pandas as pd
+
+    root = synthetic_workdir / 'datasets' / 'synthetic'
+    meta = tmp_path / 'meta.csv'
+    pd.read_csv(root / META_INFO_NAME).iloc[::10].to_csv(meta, index=False)
+    out = tmp_path / 'compare'
+    assert main(['compare', 'grmp_iqa', '--meta-info', str(meta), '--root', str(root), '--device', 'cuda',
+                 '--precision', 'bf16', '--out', str(out), *_tiny_metric_options(tiny_checkpoint)]) == 0
+    table = pd.read_csv(out / 'results.csv')
+    assert table.loc[0, 'failed'] == 0 and table.loc[0, 'scored'] == len(pd.read_csv(meta))
+
+
+def test_checkpoint_written_on_gpu_loads_on_cpu(tmp_path, images):
+    model = make_tiny_model(seed=6).cuda()
+    path = tmp_path / 'gpu.pth'
+    torch.save({'params': model.state_dict()}, path)
+    loaded = GRMPIQA(**tiny_model_kwargs(pretrained=True, pretrained_model_path=str(path))).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.cpu()), key
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), model(images.cuda()).cpu(), atol=1e-3)

@@ -1,4 +1,4 @@
-"""Reading GRMP-IQA checkpoints: this package's own and the official ``CustomCLIP`` state dicts.
+"""Reading GRMP-IQA checkpoints: this package's own and the official ``CustomCLIP``, state dict or pickled whole.
 
 Both are converted to the key layout of :class:`~pyiqa_grmp.archs.grmp_arch.GRMPIQA`
 (``clip.*``, ``visual_prompts.*``, ``prompt_learner.*``) with every tensor accounted for: a key that cannot be
@@ -7,10 +7,13 @@ placed is an error, never silently dropped.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 import torch
+
+from .pickled_module import UnsafePickleError, read_pickled_module
 
 #: Keys under which checkpoints commonly nest their state dict, in order of preference.
 NESTING_KEYS = ('params', 'params_ema', 'state_dict', 'model', 'net', 'module')
@@ -56,6 +59,8 @@ class GRMPCheckpoint:
     source: str  # 'official' or 'pyiqa_grmp'
     state_dict: Dict[str, torch.Tensor]
     prompt_buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    #: How the file held the tensors: 'state dict', or 'pickled module CLASS' (read without its code).
+    container: str = 'state dict'
 
 
 def _unwrap(obj: object, path: str) -> Dict[str, torch.Tensor]:
@@ -89,7 +94,8 @@ def _is_official(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(('prompt_learner2.', 'image_encoder.', 'text_encoder.')) for k in state)
 
 
-def convert_official_state_dict(state: Mapping[str, torch.Tensor], path: str = '<state dict>') -> GRMPCheckpoint:
+def convert_official_state_dict(state: Mapping[str, torch.Tensor], path: str = '<state dict>',
+                                container: str = 'state dict') -> GRMPCheckpoint:
     """Map an official ``CustomCLIP`` state dict (``module.`` already removed) to our layout.
 
     The four rules: ``image_encoder.*`` -> ``clip.visual.*`` (its prompt tensors -> ``visual_prompts.*``, the
@@ -127,19 +133,48 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor], path: str = '
     if unplaced:
         raise mismatch_error(path, unexpected=unplaced,
                              hint='these keys of an official GRMP-IQA checkpoint have no place in the model')
-    return GRMPCheckpoint(path=path, source='official', state_dict=converted, prompt_buffers=buffers)
+    return GRMPCheckpoint(path=path, source='official', state_dict=converted, prompt_buffers=buffers,
+                          container=container)
 
 
-def read_grmp_checkpoint(path: str) -> GRMPCheckpoint:
-    """Load a checkpoint safely (``weights_only=True``) and convert it to our key layout."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'GRMP-IQA checkpoint not found: {path}')
+def _half_to_float(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """fp16/bf16 tensors (OpenAI CLIP weights, an fp16 official model) as fp32; exact, like a strict load."""
+    return {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
+
+
+def _read_safely(path: str) -> Tuple[object, str]:
+    """The checkpoint's contents and what they were: ``weights_only`` first, a pickled module second."""
     try:
-        raw = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True), 'state dict'
+    except pickle.UnpicklingError:  # e.g. a whole pickled module: read it without its code
+        try:
+            tensors, class_name = read_pickled_module(path, NESTING_KEYS)
+        except (UnsafePickleError, ValueError) as error:
+            raise CheckpointMismatchError(
+                f'could not read GRMP-IQA checkpoint {path}: it is no plain state dict (torch.load with '
+                f'weights_only=True refused it), and reading it as a pickled module without its code failed: '
+                f'{error}. Nothing in the file was executed.') from error
+        except Exception as error:
+            raise CheckpointMismatchError(
+                f'could not read GRMP-IQA checkpoint {path} as a pickled module: {type(error).__name__}: '
+                f'{error}') from error
+        return tensors, f'pickled module {class_name}'
     except Exception as error:
         raise CheckpointMismatchError(
             f'could not read GRMP-IQA checkpoint {path}: {type(error).__name__}: {error}') from error
+
+
+def read_grmp_checkpoint(path: str) -> GRMPCheckpoint:
+    """Load a checkpoint safely and convert it to our key layout.
+
+    A state dict (bare or nested) is read with ``weights_only=True``. A whole pickled module
+    (``torch.save(model)``, e.g. the official ``CustomCLIP``), which that refuses, is read by the restricted
+    unpickler of :mod:`~pyiqa_grmp.archs.pickled_module`: tensors only, no code imported or executed.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'GRMP-IQA checkpoint not found: {path}')
+    raw, container = _read_safely(path)
     state = _strip_module_prefix(_unwrap(raw, path))
     if _is_official(state):
-        return convert_official_state_dict(state, path)
-    return GRMPCheckpoint(path=path, source='pyiqa_grmp', state_dict=state)
+        return convert_official_state_dict(_half_to_float(state), path, container)
+    return GRMPCheckpoint(path=path, source='pyiqa_grmp', state_dict=state, container=container)

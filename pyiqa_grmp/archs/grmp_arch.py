@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import PRECISION_DTYPES, autocast, check_precision
 from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
 from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, mismatch_error,
                          read_grmp_checkpoint)
@@ -163,6 +164,8 @@ class GRMPIQA(nn.Module):
         pretrained: load GRMP weights (``pretrained_model_path`` or the ``weights`` variant); False loads none.
         pretrained_model_path: a checkpoint written by this package (``{'params': ...}``) or an official one.
         weights: name of the released variant in :data:`pyiqa_grmp.pretrained.WEIGHT_VARIANTS`.
+        precision: ``fp32`` (exact), ``bf16`` or ``fp16``: autocast of the image and text towers (CUDA; bf16 also
+            on CPU), cached prompt keys/values and text features in that dtype, the score in fp32.
     """
 
     def __init__(self,
@@ -181,8 +184,11 @@ class GRMPIQA(nn.Module):
                  augment: bool = True,
                  pretrained: bool = True,
                  pretrained_model_path: Optional[str] = None,
-                 weights: str = DEFAULT_VARIANT) -> None:
+                 weights: str = DEFAULT_VARIANT,
+                 precision: str = 'fp32') -> None:
         super().__init__()
+        self._constants: Dict[str, Tuple[tuple, object]] = {}
+        self.precision = precision
         variant = get_variant(weights)
         preprocessing = variant.preprocessing
         self.resize = int(resize if resize is not None else preprocessing.resize)
@@ -214,7 +220,6 @@ class GRMPIQA(nn.Module):
         self.scene_names = tuple(scene_names)
         self.register_buffer('scene_token_ids', tokenizer([f'a photo of a {s}' for s in self.scene_names]),
                              persistent=False)
-        self._constants: Dict[str, Tuple[tuple, object]] = {}
         self._backbone, self._backbone_pretrained = backbone, backbone_pretrained
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
@@ -271,6 +276,24 @@ class GRMPIQA(nn.Module):
                     f'(checkpoint {tuple(stored.shape)} vs recomputed {tuple(ours.shape)})'],
                     hint='check class_names and n_ctx against the checkpoint')
 
+    # ------------------------------------------------------------------------------------------- precision
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16`` (see the class docstring); setting it drops the cached constants."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
+        self._constants.clear()
+
+    def _autocast(self, device: torch.device):
+        return autocast(self._precision, device.type)
+
+    def _in_precision(self, value: torch.Tensor) -> torch.Tensor:
+        dtype = PRECISION_DTYPES[self._precision]
+        return value if dtype is None else value.to(dtype)
+
     # ---------------------------------------------------------------------------------------- eval constants
     def train(self, mode: bool = True) -> 'GRMPIQA':
         self._constants.clear()
@@ -279,14 +302,15 @@ class GRMPIQA(nn.Module):
     def _constant(self, name: str, dependencies: List[nn.Parameter], compute: Callable[[], object]) -> object:
         """Return ``compute()``, reusing the last value in eval mode while its inputs are unchanged.
 
-        The key holds each dependency's storage, version counter, dtype and device, so an optimiser step,
-        ``load_state_dict``, an in-place edit or a device move all invalidate it; ``train()`` clears it. When
+        The key holds the precision and each dependency's storage, version counter, dtype and device, so an
+        optimiser step, ``load_state_dict``, an in-place edit or a device move all invalidate it; ``train()``
+        clears it. When
         gradients are wanted for the dependencies (grad mode on and any requires_grad) nothing is cached.
         Values are built under ``no_grad`` outside inference mode, so later autograd use cannot break on them.
         """
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in dependencies)):
             return compute()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies)
+        key = (self._precision, *((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies))
         hit = self._constants.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -320,10 +344,11 @@ class GRMPIQA(nn.Module):
         return F.normalize(x, dim=-1)
 
     def quality_text_features(self) -> torch.Tensor:
-        """Normalised text features (C, E) of the learned quality prompts."""
+        """Normalised text features (C, E) of the learned quality prompts (in the precision's dtype)."""
         def compute() -> torch.Tensor:
-            embeddings = self.prompt_learner(self.clip.token_embedding)
-            return self._encode_text_embeddings(embeddings, self.prompt_learner.token_ids)
+            with self._autocast(self.prompt_learner.token_ids.device):
+                embeddings = self.prompt_learner(self.clip.token_embedding)
+                return self._in_precision(self._encode_text_embeddings(embeddings, self.prompt_learner.token_ids))
 
         return self._constant('quality_text', list(self.prompt_learner.parameters()) + self._text_dependencies(),
                               compute)
@@ -331,8 +356,9 @@ class GRMPIQA(nn.Module):
     def scene_text_features(self) -> torch.Tensor:
         """Normalised text features (S, E) of the fixed scene prompts, through this model's text tower."""
         def compute() -> torch.Tensor:
-            return self._encode_text_embeddings(self.clip.token_embedding(self.scene_token_ids),
-                                                self.scene_token_ids)
+            with self._autocast(self.scene_token_ids.device):
+                return self._in_precision(self._encode_text_embeddings(
+                    self.clip.token_embedding(self.scene_token_ids), self.scene_token_ids))
 
         return self._constant('scene_text', self._text_dependencies(), compute)
 
@@ -376,7 +402,7 @@ class GRMPIQA(nn.Module):
                 prompts = block.ln_1(self.visual_prompts.tokens(layer, batch_size))
                 width = prompts.shape[-1]
                 kv = F.linear(prompts, block.attn.in_proj_weight[width:], block.attn.in_proj_bias[width:])
-                keys_values.append(tuple(kv.chunk(2, dim=-1)))
+                keys_values.append(tuple(self._in_precision(kv).chunk(2, dim=-1)))
             return keys_values
 
         dependencies = list(self.visual_prompts.parameters()) + [
@@ -411,17 +437,18 @@ class GRMPIQA(nn.Module):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised image features (N, E) from a preprocessed batch."""
+        """Normalised image features (N, E) from a preprocessed batch (under the precision's autocast)."""
         visual = self.clip.visual
-        tokens = visual._embeds(x)
-        keys_values = self._prompt_keys_values(x.shape[0])
-        blocks = visual.transformer.resblocks
-        for layer, block in enumerate(blocks):
-            tokens = self._prompted_block(block, tokens, *keys_values[layer], cls_only=layer == len(blocks) - 1)
-        cls = visual.ln_post(self.visual_prompts.norm(tokens[:, 0]))
-        if visual.proj is not None:
-            cls = cls @ visual.proj
-        return F.normalize(cls, dim=-1)
+        with self._autocast(x.device):
+            tokens = visual._embeds(x)
+            keys_values = self._prompt_keys_values(x.shape[0])
+            blocks = visual.transformer.resblocks
+            for layer, block in enumerate(blocks):
+                tokens = self._prompted_block(block, tokens, *keys_values[layer], cls_only=layer == len(blocks) - 1)
+            cls = visual.ln_post(self.visual_prompts.norm(tokens[:, 0]))
+            if visual.proj is not None:
+                cls = cls @ visual.proj
+            return F.normalize(cls, dim=-1)
 
     # ---------------------------------------------------------------------------------------------- scoring
     def forward(self, x: torch.Tensor, return_scene_logits: bool = False
@@ -435,11 +462,19 @@ class GRMPIQA(nn.Module):
 
     def score_pixels(self, pixels: torch.Tensor, return_scene_logits: bool = False
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`forward` on an already preprocessed batch (so a teacher can see the very same crops)."""
+        """:meth:`forward` on an already preprocessed batch (so a teacher can see the very same crops).
+
+        The towers run in the model's precision; the logits and the softmax in fp32 at least (autocast off), or
+        in the weights' dtype when that is wider (a ``.double()`` model).
+        """
         image_features = self.encode_image(pixels)
-        scale = self.clip.logit_scale.exp()
-        quality_logits = scale * image_features @ self.quality_text_features().t()
-        score = quality_logits.softmax(dim=-1)[:, :1]
-        if not return_scene_logits:
-            return score
-        return score, scale * image_features @ self.scene_text_features().t()
+        quality_text = self.quality_text_features()
+        scene_text = self.scene_text_features() if return_scene_logits else None
+        dtype = torch.promote_types(self.clip.logit_scale.dtype, torch.float32)
+        with torch.autocast(pixels.device.type, enabled=False):
+            image_features = image_features.to(dtype)
+            scale = self.clip.logit_scale.to(dtype).exp()
+            score = (scale * image_features @ quality_text.to(dtype).t()).softmax(dim=-1)[:, :1]
+            if not return_scene_logits:
+                return score
+            return score, scale * image_features @ scene_text.to(dtype).t()
