@@ -142,7 +142,7 @@ name = torch.cuda.get_device_name() if cuda else 'no CUDA device'
 print(f'result: torch {torch.__version__}, {name}, pyiqa {pyiqa.__version__}, open_clip {open_clip.__version__}, '
       f'pyiqa_grmp {pyiqa_grmp.__version__} from {pyiqa_grmp.__file__}')
 raise SystemExit(0 if cuda or '$device' == 'cpu' else 'CUDA is not available')"
-step "pytest -m gpu" 240 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
+step "pytest -m gpu" 300 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests
 for precision in fp32 bf16 fp16; do
     if [[ " $precisions " == *" $precision "* ]]; then
         step "inference $precision, batch $batch" 75 "$PYTHON" benchmarks/inference.py "${bench[@]}" \
