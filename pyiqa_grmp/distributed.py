@@ -1,0 +1,208 @@
+"""The one place for ``torch.distributed`` in pyiqa_grmp: launch, rank and device, collectives, sharding.
+
+Launchers: ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and SLURM
+(``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with ``MASTER_ADDR`` / ``MASTER_PORT`` exported by the job
+script). Each process uses ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo.
+
+Every helper also works without a process group (one process: rank 0 of 1), so callers never branch on
+whether they were launched in parallel; a model or a scoring loop asks this module, never the environment.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar('T')
+
+LAUNCHERS = ('torchrun', 'slurm')
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    """Where a launcher put this process: its rank among ``world_size`` and its index on its machine."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job and what it computes on; ``backend`` is None for a single process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_variable(environ: Mapping[str, str], name: str) -> int:
+    value = environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'environment variable {name}={value!r} is not an integer') from None
+
+
+def launch_environment(launcher: Optional[str] = None,
+                       environ: Optional[Mapping[str, str]] = None) -> Optional[LaunchEnvironment]:
+    """Read the rank variables of ``launcher`` ('torchrun' or 'slurm'); None detects torchrun's, then SLURM's.
+
+    Returns None when no launcher's variables are set (a plain process). With SLURM, a job step of one task
+    (``SLURM_NTASKS`` 1) is a plain process too, so ``srun python ...`` of a single task needs nothing else.
+    """
+    environ = os.environ if environ is None else environ
+    if launcher not in (None, *LAUNCHERS):
+        raise ValueError(f'unknown launcher {launcher!r}; known: {", ".join(LAUNCHERS)}')
+    if launcher in (None, 'torchrun') and 'WORLD_SIZE' in environ and 'RANK' in environ:
+        return LaunchEnvironment('torchrun', _int_variable(environ, 'RANK'), _int_variable(environ, 'WORLD_SIZE'),
+                                 _int_variable(environ, 'LOCAL_RANK') if 'LOCAL_RANK' in environ else 0)
+    if launcher in (None, 'slurm') and 'SLURM_PROCID' in environ and 'SLURM_NTASKS' in environ:
+        found = LaunchEnvironment('slurm', _int_variable(environ, 'SLURM_PROCID'),
+                                  _int_variable(environ, 'SLURM_NTASKS'),
+                                  _int_variable(environ, 'SLURM_LOCALID') if 'SLURM_LOCALID' in environ else 0)
+        return found if launcher == 'slurm' or found.world_size > 1 else None
+    return None
+
+
+def _pick_device(device: Optional[str], local_rank: int, distributed: bool) -> torch.device:
+    kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    chosen = torch.device(kind)
+    if chosen.type != 'cuda':
+        return chosen
+    if not torch.cuda.is_available():
+        raise ValueError(f'device {kind!r} was asked for, but CUDA is not available')
+    if not distributed:
+        return chosen
+    if chosen.index is not None:
+        raise ValueError(f'under a launcher each process uses cuda:LOCAL_RANK; give device "cuda", not {kind!r}')
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f'LOCAL_RANK {local_rank} has no GPU: this machine has {count} CUDA device(s); start at most '
+                         f'{count} processes per machine (torchrun --nproc_per_node {count})')
+    return torch.device('cuda', local_rank)
+
+
+def init_distributed(launcher: Optional[str], device: Optional[str] = None,
+                     backend: Optional[str] = None) -> DistContext:
+    """Join the process group a launcher set up, or describe a single process when there is none.
+
+    ``launcher``: 'torchrun' or 'slurm' (its variables must be set), or None to detect them (a launch with
+    world size 1 is a single process). ``device``: 'cpu' or 'cuda' (default: cuda when available); each
+    process of a parallel job gets ``cuda:LOCAL_RANK``. ``backend``: default nccl on CUDA, gloo on the CPU.
+    Calling it again in a process that already joined returns the same context.
+    """
+    found = launch_environment(launcher)
+    if launcher is not None and found is None:
+        needed = 'RANK and WORLD_SIZE' if launcher == 'torchrun' else 'SLURM_PROCID and SLURM_NTASKS'
+        raise ValueError(f'launcher {launcher!r} was asked for, but {needed} are not set: start the command with '
+                         f'{"torchrun" if launcher == "torchrun" else "srun"}')
+    if found is None or (found.world_size <= 1 and not dist.is_initialized()):
+        local_rank = found.local_rank if found else 0
+        return DistContext(0, 1, local_rank, _pick_device(device, local_rank, distributed=False), None)
+    chosen = _pick_device(device, found.local_rank, distributed=True)
+    backend = backend or ('nccl' if chosen.type == 'cuda' else 'gloo')
+    if backend == 'nccl' and chosen.type != 'cuda':
+        raise ValueError('the nccl backend needs CUDA devices; use device "cuda" or backend "gloo"')
+    if chosen.type == 'cuda':
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        if found.launcher == 'slurm':
+            _export_slurm_variables(found)
+        dist.init_process_group(backend=backend, init_method='env://', rank=found.rank,
+                                world_size=found.world_size)
+    return DistContext(dist.get_rank(), dist.get_world_size(), found.local_rank, chosen, dist.get_backend())
+
+
+def _export_slurm_variables(found: LaunchEnvironment) -> None:
+    """``env://`` initialisation reads MASTER_ADDR / MASTER_PORT, which a SLURM job script must export."""
+    missing = [name for name in ('MASTER_ADDR', 'MASTER_PORT') if name not in os.environ]
+    if missing:
+        raise ValueError(f'under SLURM export {" and ".join(missing)} in the job script (the first node\'s host '
+                         'name and a free port), so that the processes can meet')
+    os.environ.update(RANK=str(found.rank), WORLD_SIZE=str(found.world_size), LOCAL_RANK=str(found.local_rank))
+
+
+def get_rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes in the job; 1 without a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0, which writes files and prints."""
+    return get_rank() == 0
+
+
+def _collective_device_ids() -> Optional[List[int]]:
+    if dist.get_backend() == 'nccl':
+        return [torch.cuda.current_device()]
+    return None
+
+
+def barrier() -> None:
+    """Wait until every process arrives; nothing to wait for in a single process."""
+    if get_world_size() > 1:
+        dist.barrier(device_ids=_collective_device_ids())
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; the others' argument is ignored."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_objects(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's ``obj``, in rank order, on rank ``dst`` only (None elsewhere): for results only one writes."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: Optional[List[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> List[T]:
+    """Rank ``rank``'s share of ``items``: every ``world_size``-th item from position ``rank``.
+
+    Deterministic, disjoint and complete over the ranks, with sizes differing by at most one; interleaving
+    spreads runs of similar items (e.g. a folder of large photos) over all ranks.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f'rank {rank} is not in a world of size {world_size}')
+    return list(items[rank::world_size])
+
+
+def destroy() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
