@@ -257,6 +257,12 @@ def _as_is(item: dict) -> dict:
     return item
 
 
+def decoding_loader(dataset: DecodedImages, workers: int) -> torch.utils.data.DataLoader:
+    """The items of ``dataset`` in order, one by one, decoded by ``workers`` processes (0: this process)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       collate_fn=_as_is)
+
+
 def _as_scores(output: object, count: int) -> List[float]:
     if isinstance(output, (tuple, list)):
         output = output[0]
@@ -349,11 +355,9 @@ def score_stream(paths: Sequence[str], metrics: Dict[str, object], batch_size: i
         views[name] = None if resize is None else resizes.index(resize)
     dataset = DecodedImages(paths, references, resizes, keep_native=any(v is None for v in views.values()),
                             first_index=indices)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_as_is)
     chunk: List[dict] = []
     pixels = 0
-    for item in loader:
+    for item in decoding_loader(dataset, workers):
         chunk.append(item)
         pixels += item['native'][0].numel() if item['native'] is not None else 0
         if len(chunk) == batch_size or pixels >= MAX_CHUNK_PIXELS:
@@ -556,14 +560,16 @@ def _parse_kept(row: List[str], metrics: Sequence[str], creation: set) -> Tuple[
 def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
                  batch_size: int = 8, progress: bool = True,
                  metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
-                 csv_path: Optional[str] = None, resume: bool = False) -> ScoreReport:
+                 csv_path: Optional[str] = None, resume: bool = False,
+                 metrics: Optional[Dict[str, object]] = None) -> ScoreReport:
     """Score every image of ``target`` (folder, ``.txt`` list or file) with every metric; failures are recorded,
     never raised or skipped.
 
     With ``csv_path`` rows are written as batches finish and the file is rewritten at the end in image order
     (atomically); ``resume`` keeps the rows already there (and in part files) and scores only the missing images.
     In a process group (torchrun) the images are split over the ranks; rank 0 gets the report of every image
-    and writes the CSV, the other ranks get a report of their share only.
+    and writes the CSV, the other ranks get a report of their share only. ``metrics`` (created metrics by name,
+    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone.
     """
     metric_names = list(metric_names)
     metric_options = metric_options or {}
@@ -585,8 +591,9 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
         raise failure
 
     report = ScoreReport(images=plan.images, refs=plan.refs, metrics=metric_names)
-    metrics = create_metrics(metric_names, metric_options, device, report,
-                             missing_references=None if ref else 'full-reference metric: give reference images with -r')
+    if metrics is None:
+        no_references = None if ref else 'full-reference metric: give reference images with -r'
+        metrics = create_metrics(metric_names, metric_options, device, report, missing_references=no_references)
     creation_errors = [(metric, reason) for metric, _, reason in report.errors]
     mine = distributed.shard(plan.todo, rank, world_size)
     log = RowLog(part_file(csv_path, rank), header, resume) if csv_path else None
