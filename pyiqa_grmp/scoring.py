@@ -424,7 +424,7 @@ def _write_atomically(path: str, header: List[str], rows: Sequence[List[str]]) -
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
     try:
-        with open(temporary, 'w', newline='') as handle:
+        with open(temporary, 'w', newline='', encoding='utf-8') as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
@@ -483,7 +483,7 @@ class RowLog:
     def __init__(self, path: str, header: List[str], resume: bool) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         keep = _complete_length(path) if resume and os.path.exists(path) else 0
-        self.handle = open(path, 'r+' if keep else 'w', newline='')
+        self.handle = open(path, 'r+' if keep else 'w', newline='', encoding='utf-8')
         self.handle.truncate(keep)
         self.handle.seek(keep)
         self.writer = csv.writer(self.handle)
