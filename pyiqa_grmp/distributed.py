@@ -111,8 +111,11 @@ def init_distributed(launcher: Optional[str], device: Optional[str] = None,
         needed = 'RANK and WORLD_SIZE' if launcher == 'torchrun' else 'SLURM_PROCID and SLURM_NTASKS'
         raise ValueError(f'launcher {launcher!r} was asked for, but {needed} are not set: start the command with '
                          f'{"torchrun" if launcher == "torchrun" else "srun"}')
-    if found is None or (found.world_size <= 1 and not dist.is_initialized()):
-        local_rank = found.local_rank if found else 0
+    local_rank = found.local_rank if found else 0
+    if dist.is_initialized():  # joined already (an earlier call, or the caller's own set-up)
+        chosen = _pick_device(device, local_rank, distributed=dist.get_world_size() > 1)
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, chosen, dist.get_backend())
+    if found is None or found.world_size <= 1:
         return DistContext(0, 1, local_rank, _pick_device(device, local_rank, distributed=False), None)
     chosen = _pick_device(device, found.local_rank, distributed=True)
     backend = backend or ('nccl' if chosen.type == 'cuda' else 'gloo')
@@ -120,12 +123,10 @@ def init_distributed(launcher: Optional[str], device: Optional[str] = None,
         raise ValueError('the nccl backend needs CUDA devices; use device "cuda" or backend "gloo"')
     if chosen.type == 'cuda':
         torch.cuda.set_device(chosen)
-    if not dist.is_initialized():
-        if found.launcher == 'slurm':
-            _export_slurm_variables(found)
-        dist.init_process_group(backend=backend, init_method='env://', rank=found.rank,
-                                world_size=found.world_size)
-    return DistContext(dist.get_rank(), dist.get_world_size(), found.local_rank, chosen, dist.get_backend())
+    if found.launcher == 'slurm':
+        _export_slurm_variables(found)
+    dist.init_process_group(backend=backend, init_method='env://', rank=found.rank, world_size=found.world_size)
+    return DistContext(found.rank, found.world_size, found.local_rank, chosen, backend)
 
 
 def _export_slurm_variables(found: LaunchEnvironment) -> None:
