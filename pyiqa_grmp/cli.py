@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from .comparison import add_compare_parser
 from .precision import add_precision_argument, add_precision_option
-from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
+from .scoring import ScoreReport, default_workers, parse_metric_options, score_images
 
 
 def _print_report(report: ScoreReport, verbose: bool) -> None:
@@ -31,17 +31,25 @@ def _print_report(report: ScoreReport, verbose: bool) -> None:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from . import distributed
+
     options = add_precision_option(args.metrics, parse_metric_options(args.metric_opt), args.precision, args.device)
-    report = score_images(args.metrics, args.target, args.ref, args.device, args.batch_size, progress=True,
-                          metric_options=options)
-    _print_report(report, args.verbose)
-    if args.csv:
-        write_csv(report, args.csv)
-        print(f'wrote {args.csv}')
-    if report.errors:
-        print(f'{len(report.errors)} failure(s); see the messages above', file=sys.stderr)
-        return 1
-    return 0
+    context = distributed.init_distributed(None, device=args.device)  # a torchrun launch is joined automatically
+    try:
+        report = score_images(args.metrics, args.target, args.ref, str(context.device), args.batch_size,
+                              progress=context.is_main, metric_options=options, workers=args.workers,
+                              csv_path=args.csv, resume=args.resume)
+        status = 0
+        if context.is_main:
+            _print_report(report, args.verbose)
+            if args.csv:
+                print(f'wrote {args.csv}')
+            if report.errors:
+                print(f'{len(report.errors)} failure(s); see the messages above', file=sys.stderr)
+                status = 1
+        return distributed.broadcast_object(status)
+    finally:
+        distributed.destroy()
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -88,15 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser('score', help='score images with one or more metrics')
     score.add_argument('metrics', nargs='+', help='metric names, e.g. grmp_iqa piqe (see "pyiqa-grmp list")')
-    score.add_argument('-t', '--target', required=True, help='an image file or a folder (scanned recursively)')
+    score.add_argument('-t', '--target', required=True,
+                       help='an image file, a folder (scanned recursively) or a .txt file listing image paths, one '
+                            'per line (relative to the list\'s folder, or absolute)')
     score.add_argument('-r', '--ref', help='reference image or folder, for full-reference metrics')
     score.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
-    score.add_argument('--batch-size', type=int, default=8, help='images per forward pass (equal sizes only)')
+    score.add_argument('--batch-size', type=int, default=8,
+                       help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
+                            'grmp_iqa; equal sizes for the others)')
+    score.add_argument('--workers', type=int, default=default_workers(),
+                       help='processes decoding (and resizing) images while the metrics run; 0 decodes in the main '
+                            'process (default: the CPUs of this process, shared by the ranks of a machine, at most 16)')
     score.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
                        help='option for one metric, value parsed as YAML, e.g. '
                             'grmp_iqa:pretrained_model_path=experiments/x/models/net_best.pth (repeatable)')
     add_precision_argument(score)
-    score.add_argument('--csv', help='write per-image scores and failures to this CSV file')
+    score.add_argument('--csv', help='write per-image scores and failures to this CSV file (rows are appended as '
+                                     'batches finish; the final file is in image order)')
+    score.add_argument('--resume', action='store_true',
+                       help='keep the rows already in --csv (and its part files) and score only the missing images')
     score.add_argument('-v', '--verbose', action='store_true', help='print the score of every image')
     score.set_defaults(handler=_cmd_score)
 
@@ -148,6 +166,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, 'batch_size', 1) < 1:
         parser.error('--batch-size must be >= 1')
+    if getattr(args, 'workers', 0) < 0:
+        parser.error('--workers must be >= 0')
+    if getattr(args, 'resume', False) and not args.csv:
+        parser.error('--resume needs --csv, the file of the run to resume')
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input or configuration: the message says what

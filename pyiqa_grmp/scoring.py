@@ -1,21 +1,47 @@
-"""Scoring image files with any pyiqa metric (GRMP-IQA included): decoding each file once, batching images of
-equal size, bounding memory, and recording every failure instead of stopping or skipping silently."""
+"""Scoring image collections with any pyiqa metric (GRMP-IQA included), at any scale.
+
+Pipeline: images are decoded in ``workers`` processes of a ``torch.utils.data.DataLoader`` while the main process
+runs the metrics. A metric whose preprocessing starts with a fixed resize declares it (the protocol below), and
+the workers run that very resize, so images of any size arrive equal-sized and batches are full; other metrics
+get native-resolution images and batches of equal-size images. A failing batch is retried image by image, so one
+bad image only costs its own score, and every failure is recorded with the image's name.
+
+Results: rows go to the ``csv_path`` file as batches finish (flushed), so a killed run loses only the batches in
+flight; ``resume`` keeps the rows of an earlier run and scores the rest. Under ``torchrun`` the images are split
+over the ranks (:mod:`pyiqa_grmp.distributed`) and rank 0 writes the one CSV a single process would.
+
+Fixed-resize protocol: the arch of a pyiqa ``InferenceModel`` (its ``.net``) may have an attribute named
+:data:`FIXED_RESIZE_ATTRIBUTE` holding a picklable callable, or None. The callable maps a float32 (N, 3, H, W)
+batch in [0, 1] to (N, 3, h, w) with h, w fixed, and must be the first step of the arch's own preprocessing, which
+must leave an input of that size unresized, so that scoring a pre-resized image is the same computation as scoring
+the original. Only no-reference metrics are resized ahead; the metric's input range check is skipped for those
+inputs (bicubic overshoot may leave [0, 1]; the decoded image itself is always in range).
+"""
 from __future__ import annotations
 
 import csv
 import math
 import os
+import re
 import sys
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import distributed
 from .data.image_io import ImageReadError, list_images, read_image
 
-#: Pixels (per channel) read before a chunk of images is scored, whatever the batch size.
+#: Pixels (per channel) of native-resolution images held before a chunk is scored, whatever the batch size.
 MAX_CHUNK_PIXELS = 48_000_000
+#: Attribute of a metric's arch declaring its fixed input resize (see the module docstring).
+FIXED_RESIZE_ATTRIBUTE = 'fixed_input_resize'
+#: A ``-t`` file with this extension lists image paths, one per line.
+IMAGE_LIST_EXTENSIONS = ('.txt',)
+#: At most this many decoding workers by default (a GPU rarely needs more to stay busy).
+MAX_DEFAULT_WORKERS = 16
 
 
 @dataclass
@@ -42,6 +68,52 @@ class ScoreReport:
         return rows
 
 
+@dataclass
+class ImageResult:
+    """What scoring one image gave: its scores per metric and its failures as (metric or '*', reason)."""
+
+    index: int
+    path: str
+    scores: Dict[str, float] = field(default_factory=dict)
+    errors: List[Tuple[str, str]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- the images
+def read_image_list(path: str) -> List[str]:
+    """Image paths listed one per line in ``path``; relative ones are relative to the list's folder."""
+    folder = os.path.dirname(path)
+    try:
+        with open(path, encoding='utf-8') as handle:
+            lines = [line.rstrip('\r\n') for line in handle]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f'cannot read the image list {path}: {error}') from error
+    images: List[str] = []
+    first_line: Dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        image = os.path.join(folder, line.strip())
+        if image in first_line:
+            raise ValueError(f'image list {path} names {image} twice (lines {first_line[image]} and {number})')
+        first_line[image] = number
+        images.append(image)
+    if not images:
+        raise ValueError(f'image list {path} names no image')
+    return images
+
+
+def collect_targets(target: str) -> List[str]:
+    """The images of ``-t``: a folder (recursive, sorted), a ``.txt`` list (in its order) or one image file."""
+    if os.path.isdir(target):
+        found = list_images(target)
+        if not found:
+            raise FileNotFoundError(f'no image files found in target folder {target}')
+        return found
+    if os.path.isfile(target):
+        return read_image_list(target) if target.lower().endswith(IMAGE_LIST_EXTENSIONS) else [target]
+    raise FileNotFoundError(f'target {target} does not exist')
+
+
 def _collect(path: str, what: str) -> List[str]:
     if os.path.isdir(path):
         found = list_images(path)
@@ -61,7 +133,7 @@ def _pair_references(targets: List[str], target_root: str, ref_path: str, report
         return targets
     refs = _collect(ref_path, 'reference')
     by_relative = {os.path.relpath(r, ref_path): r for r in refs}
-    by_name = {}
+    by_name: Dict[str, List[str]] = {}
     for r in refs:
         by_name.setdefault(os.path.basename(r), []).append(r)
     paired = []
@@ -79,15 +151,7 @@ def _pair_references(targets: List[str], target_root: str, ref_path: str, report
     return paired
 
 
-def _as_scores(output: object, count: int) -> List[float]:
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    values = torch.as_tensor(output).detach().float().cpu().reshape(-1).tolist()
-    if len(values) != count:
-        raise RuntimeError(f'metric returned {len(values)} values for {count} images')
-    return values
-
-
+# ---------------------------------------------------------------------------------------------- the metrics
 def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
     """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts)."""
     import yaml
@@ -129,105 +193,481 @@ def create_metrics(names: Sequence[str], options: Dict[str, Dict[str, object]], 
     return metrics
 
 
-def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
-                 batch_size: int = 8, progress: bool = True,
-                 metric_options: Optional[Dict[str, Dict[str, object]]] = None) -> ScoreReport:
-    """Score every image under ``target`` with every metric; failures are recorded, never raised or skipped.
+def declared_resize(metric: object) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The fixed input resize a no-reference metric's arch declares (see the module docstring), or None."""
+    if getattr(metric, 'metric_mode', None) != 'NR':
+        return None
+    resize = getattr(getattr(metric, 'net', None), FIXED_RESIZE_ATTRIBUTE, None)
+    return resize if callable(resize) else None
 
-    Images are decoded once, grouped into batches of equal size, and a failing batch is retried image by image
-    so that one bad image only costs its own score.
+
+def default_workers() -> int:
+    """Decoding workers for this process: the CPUs it may use, shared with the other ranks of its machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    ranks_here = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // ranks_here))
+
+
+# ------------------------------------------------------------------------------------------ decoding workers
+class DecodedImages(torch.utils.data.Dataset):
+    """Decoded images (and references) as dicts, one per index; runs in the DataLoader's workers.
+
+    An item holds ``index``, ``path``, ``error`` (why the image or its reference cannot be read, else None),
+    ``native`` (the image, when ``keep_native``), ``reference`` and ``views``: per callable of ``resizes`` the
+    resized image (a (3, h, w) tensor) or the reason the resize failed (a string).
     """
-    images = _collect(target, 'target')
-    report = ScoreReport(images=images, refs={}, metrics=list(metric_names))
-    scorable = _pair_references(images, target, ref, report) if ref else images
-    metric_options = metric_options or {}
-    unknown = sorted(set(metric_options) - set(metric_names))
-    if unknown:
-        raise ValueError(f'--metric-opt names metrics that are not scored: {unknown}')
-    metrics = create_metrics(metric_names, metric_options, device, report,
-                             missing_references='full-reference metric: give reference images with -r' if not ref
-                             else None)
-    reference_of = (lambda index, path: report.refs[path]) if ref else None
-    score_paths(scorable, metrics, report, batch_size, progress, reference_of)
-    return report
+
+    def __init__(self, paths: Sequence[str], references: Optional[Sequence[str]] = None,
+                 resizes: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (), keep_native: bool = True,
+                 first_index: Sequence[int] = ()) -> None:
+        self.paths = list(paths)
+        self.references = list(references) if references is not None else None
+        self.resizes = list(resizes)
+        self.keep_native = keep_native
+        self.indices = list(first_index) or list(range(len(self.paths)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> dict:
+        path = self.paths[position]
+        item = {'index': self.indices[position], 'path': path, 'error': None, 'native': None, 'reference': None,
+                'views': []}
+        try:
+            image = read_image(path)
+            if self.references is not None:
+                try:
+                    item['reference'] = read_image(self.references[position])
+                except ImageReadError as error:
+                    raise ImageReadError(f'reference of {path}: {error}') from error
+        except ImageReadError as error:
+            item['error'] = str(error)
+            return item
+        for resize in self.resizes:
+            try:
+                item['views'].append(resize(image.unsqueeze(0))[0])
+            except Exception as error:  # reported per metric, never raised in a worker
+                item['views'].append(f'{type(error).__name__}: {error}')
+        if self.keep_native:
+            item['native'] = image
+        return item
+
+
+def _as_is(item: dict) -> dict:
+    return item
+
+
+def decoding_loader(dataset: DecodedImages, workers: int) -> torch.utils.data.DataLoader:
+    """The items of ``dataset`` in order, one by one, decoded by ``workers`` processes (0: this process)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       collate_fn=_as_is)
+
+
+def _as_scores(output: object, count: int) -> List[float]:
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    values = torch.as_tensor(output).detach().float().cpu().reshape(-1).tolist()
+    if len(values) != count:
+        raise RuntimeError(f'metric returned {len(values)} values for {count} images')
+    return values
+
+
+@contextmanager
+def _input_range_unchecked(metric: object) -> Iterator[None]:
+    """pyiqa's range check would reject the bicubic overshoot of a pre-resized input; the original passed it."""
+    saved = getattr(metric, 'check_input_range', None)
+    if saved is not None:
+        metric.check_input_range = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            metric.check_input_range = saved
+
+
+def _score_group(name: str, metric, items: List[dict], view: Optional[int], results: Dict[int, ImageResult]) -> None:
+    """Score ``items`` together (their tensors have equal sizes), then one by one if the batch fails."""
+    def run(batch: List[dict]) -> List[float]:
+        if view is not None:
+            with _input_range_unchecked(metric):
+                return _as_scores(metric(torch.stack([i['views'][view] for i in batch])), len(batch))
+        target = torch.stack([i['native'] for i in batch])
+        if metric.metric_mode == 'FR':
+            return _as_scores(metric(target, torch.stack([i['reference'] for i in batch])), len(batch))
+        return _as_scores(metric(target), len(batch))
+
+    try:
+        scored = [(items, run(items))]
+    except Exception:
+        scored = []
+        for item in items:
+            try:
+                scored.append(([item], run([item])))
+            except Exception as error:
+                results[item['index']].errors.append((name, f'{type(error).__name__}: {error}'))
+    for batch, values in scored:
+        for item, value in zip(batch, values):
+            results[item['index']].scores[name] = value
+
+
+def _score_chunk(items: List[dict], metrics: Dict[str, object], views: Dict[str, Optional[int]]) -> List[ImageResult]:
+    """Every metric on every readable image of ``items``: resized views all together, native images by size."""
+    results = OrderedDict((i['index'], ImageResult(i['index'], i['path'])) for i in items)
+    for item in items:
+        if item['error'] is not None:
+            results[item['index']].errors.append(('*', item['error']))
+    readable = [i for i in items if i['error'] is None]
+    for name, metric in metrics.items():
+        view = views[name]
+        if view is None:
+            groups: Dict[tuple, List[dict]] = OrderedDict()
+            for item in readable:
+                reference = item['reference']
+                key = (tuple(item['native'].shape), None if reference is None else tuple(reference.shape))
+                groups.setdefault(key, []).append(item)
+            batches = list(groups.values())
+        else:
+            batches = [[i for i in readable if torch.is_tensor(i['views'][view])]]
+            for item in readable:
+                if not torch.is_tensor(item['views'][view]):
+                    results[item['index']].errors.append((name, f'resize failed: {item["views"][view]}'))
+        for batch in batches:
+            if batch:
+                _score_group(name, metric, batch, view, results)
+    return list(results.values())
+
+
+def score_stream(paths: Sequence[str], metrics: Dict[str, object], batch_size: int, workers: int = 0,
+                 references: Optional[Sequence[str]] = None, indices: Sequence[int] = ()
+                 ) -> Iterator[List[ImageResult]]:
+    """Score ``paths`` with every metric, yielding the results of each chunk in path order as it finishes.
+
+    Decoding (and the declared resizes) run in ``workers`` DataLoader processes (0: in this process). A chunk holds
+    at most ``batch_size`` images and, of native-resolution ones, about ``MAX_CHUNK_PIXELS`` pixels, so memory
+    stays bounded whatever the image sizes. ``indices`` (default 0, 1, ...) number the results.
+    """
+    resizes: List[Callable] = []
+    views: Dict[str, Optional[int]] = {}
+    for name, metric in metrics.items():
+        resize = declared_resize(metric)
+        if resize is not None and resize not in resizes:
+            resizes.append(resize)
+        views[name] = None if resize is None else resizes.index(resize)
+    dataset = DecodedImages(paths, references, resizes, keep_native=any(v is None for v in views.values()),
+                            first_index=indices)
+    chunk: List[dict] = []
+    pixels = 0
+    for item in decoding_loader(dataset, workers):
+        chunk.append(item)
+        pixels += item['native'][0].numel() if item['native'] is not None else 0
+        if len(chunk) == batch_size or pixels >= MAX_CHUNK_PIXELS:
+            yield _score_chunk(chunk, metrics, views)
+            chunk, pixels = [], 0
+    if chunk:
+        yield _score_chunk(chunk, metrics, views)
+
+
+def _progress_bar(total: int, progress: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not progress, desc=desc, unit='img', file=sys.stderr)
 
 
 def score_paths(paths: Sequence[str], metrics: Dict[str, object], report: ScoreReport, batch_size: int,
                 progress: bool = True, reference_of: Optional[Callable[[int, str], str]] = None,
-                desc: str = 'scoring') -> None:
-    """Decode each image (and its reference) once and score it with every metric, recording every failure.
-
-    A chunk holds at most ``batch_size`` images and about ``MAX_CHUNK_PIXELS`` pixels, so memory stays bounded
-    whatever the image sizes; within it, images of equal size are scored together.
-    """
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(paths), disable=not progress, desc=desc, unit='img', file=sys.stderr)
-    chunk: List[Tuple[str, torch.Tensor, Optional[torch.Tensor]]] = []
-    chunk_pixels = read_since_flush = 0
-    for index, path in enumerate(paths):
-        read_since_flush += 1
-        try:
-            image = read_image(path)
-            reference = None
-            if reference_of is not None:
-                try:
-                    reference = read_image(reference_of(index, path))
-                except ImageReadError as error:
-                    raise ImageReadError(f'reference of {path}: {error}') from error
-            chunk.append((path, image, reference))
-            chunk_pixels += image[0].numel()
-        except ImageReadError as error:
-            report.add_error('*', path, str(error))
-        if len(chunk) == batch_size or chunk_pixels >= MAX_CHUNK_PIXELS or index == len(paths) - 1:
-            _score_chunk(chunk, metrics, report)
-            bar.update(read_since_flush)
-            chunk, chunk_pixels, read_since_flush = [], 0, 0
-    bar.close()
+                desc: str = 'scoring', workers: int = 0) -> None:
+    """Score ``paths`` with every metric into ``report`` (scores and failures), in one process; see
+    :func:`score_stream`. ``reference_of(index, path)`` names each image's reference for full-reference metrics."""
+    references = [reference_of(i, p) for i, p in enumerate(paths)] if reference_of is not None else None
+    with _progress_bar(len(paths), progress, desc) as bar:
+        for results in score_stream(paths, metrics, batch_size, workers, references):
+            for result in results:
+                if result.scores:
+                    report.scores.setdefault(result.path, {}).update(result.scores)
+                for metric, reason in result.errors:
+                    report.add_error(metric, result.path, reason)
+            bar.update(len(results))
 
 
-def _score_chunk(chunk, metrics, report: ScoreReport) -> None:
-    """Score images of equal size together (pyiqa metrics take one tensor per call)."""
-    groups: Dict[tuple, list] = OrderedDict()
-    for item in chunk:
-        _, image, reference = item
-        key = (tuple(image.shape), None if reference is None else tuple(reference.shape))
-        groups.setdefault(key, []).append(item)
-    for group in groups.values():
-        for name, metric in metrics.items():
-            _score_group(name, metric, group, report)
+# -------------------------------------------------------------------------------------------------- CSV rows
+def csv_header(metrics: Sequence[str]) -> List[str]:
+    """The columns of a score CSV."""
+    return ['image', 'reference', *metrics, 'errors']
 
 
-def _score_group(name: str, metric, group, report: ScoreReport) -> None:
-    def run(items) -> List[float]:
-        target = torch.stack([image for _, image, _ in items])
-        if metric.metric_mode == 'FR':
-            return _as_scores(metric(target, torch.stack([r for _, _, r in items])), len(items))
-        return _as_scores(metric(target), len(items))
+def _one_line(text: str) -> str:
+    return text.replace('\r', ' ').replace('\n', ' ')
 
-    try:
-        batches = [(group, run(group))]
-    except Exception:
-        batches = []
-        for item in group:
-            try:
-                batches.append(([item], run([item])))
-            except Exception as error:
-                report.add_error(name, item[0], f'{type(error).__name__}: {error}')
-    for items, values in batches:
-        for (path, _, _), value in zip(items, values):
-            report.scores.setdefault(path, {})[name] = value
+
+def _reason_text(metric: str, reason: str) -> str:
+    return _one_line(reason if metric == '*' else f'{metric}: {reason}')
+
+
+def _row(image: str, reference: str, scores: Dict[str, float], metrics: Sequence[str],
+         reasons: Sequence[Tuple[str, str]]) -> List[str]:
+    return [image, reference, *[f'{scores[m]:.6g}' if m in scores else '' for m in metrics],
+            ' | '.join(_reason_text(m, r) for m, r in reasons)]
 
 
 def write_csv(report: ScoreReport, path: str) -> None:
-    """One row per image: its scores per metric and the reasons of any failure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w', newline='') as handle:
-        writer = csv.writer(handle)
-        writer.writerow(['image', 'reference', *report.metrics, 'errors'])
-        for image in report.images:
-            scores = report.scores.get(image, {})
-            reasons = [f'{m}: {r}' if m != '*' else r for m, i, r in report.errors if i in (image, '*')]
-            writer.writerow([image, report.refs.get(image, ''),
-                             *[f'{scores[m]:.6g}' if m in scores else '' for m in report.metrics],
-                             ' | '.join(reasons)])
+    """One row per image: its scores per metric and the reasons of any failure (written atomically)."""
+    rows = []
+    for image in report.images:
+        reasons = [(m, r) for m, i, r in report.errors if i in (image, '*')]
+        rows.append(_row(image, report.refs.get(image, ''), report.scores.get(image, {}), report.metrics, reasons))
+    _write_atomically(path, csv_header(report.metrics), rows)
+
+
+def _write_atomically(path: str, header: List[str], rows: Sequence[List[str]]) -> None:
+    """Temp file in the same folder, flushed and synced, then renamed over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    try:
+        with open(temporary, 'w', newline='', encoding='utf-8') as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def part_file(csv_path: str, rank: int) -> str:
+    """Where rank ``rank`` (> 0) of a parallel run appends its rows; rank 0 appends to ``csv_path`` itself."""
+    return csv_path if rank == 0 else f'{csv_path}.part{rank}'
+
+
+def existing_part_files(csv_path: str) -> List[str]:
+    """Part files of earlier runs next to ``csv_path``."""
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    pattern = re.compile(re.escape(os.path.basename(csv_path)) + r'\.part[0-9]+$')
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if pattern.match(name))
+
+
+def _complete_length(path: str) -> int:
+    """Bytes of ``path`` up to its last complete line (a killed run may leave half a row)."""
+    with open(path, 'rb') as handle:
+        data = handle.read()
+    return data.rfind(b'\n') + 1
+
+
+def read_rows(path: str, header: List[str]) -> Dict[str, List[str]]:
+    """The complete rows of a score CSV or part file, by image; refuses a file written for other columns."""
+    with open(path, 'rb') as handle:
+        text = handle.read()[:_complete_length(path)].decode('utf-8')
+    table = list(csv.reader(text.splitlines()))
+    if not table:
+        return {}
+    if table[0] != header:
+        found = table[0][2:-1] if table[0][:2] == ['image', 'reference'] else table[0]
+        raise ValueError(f'{path} was written for the metrics {found}, not {header[2:-1]}: give another --csv, or '
+                         'drop --resume to overwrite it')
+    rows: Dict[str, List[str]] = {}
+    for number, row in enumerate(table[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f'{path} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
+                             'CSV of these metrics')
+        rows.setdefault(row[0], row)
+    return rows
+
+
+class RowLog:
+    """Rows appended to a CSV file and flushed as they come, after the header; resumes after the last full row."""
+
+    def __init__(self, path: str, header: List[str], resume: bool) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        keep = _complete_length(path) if resume and os.path.exists(path) else 0
+        self.handle = open(path, 'r+' if keep else 'w', newline='', encoding='utf-8')
+        self.handle.truncate(keep)
+        self.handle.seek(keep)
+        self.writer = csv.writer(self.handle)
+        if not keep:
+            self.writer.writerow(header)
+        self.handle.flush()
+
+    def append(self, rows: Sequence[List[str]]) -> None:
+        self.writer.writerows(rows)
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# ------------------------------------------------------------------------------------------- a whole collection
+@dataclass
+class _Plan:
+    """What rank 0 decided before scoring: the images, their references, the rows kept, what is left to score."""
+
+    images: List[str]
+    refs: Dict[str, str]
+    pairing_errors: Dict[str, str]
+    kept: Dict[str, List[str]]
+    todo: List[Tuple[int, str, Optional[str]]]
+
+
+def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional[str], resume: bool) -> _Plan:
+    images = collect_targets(target)
+    pairing = ScoreReport(images=images, refs={}, metrics=[])
+    if ref:
+        root = target if os.path.isdir(target) else os.path.dirname(target)
+        _pair_references(images, root, ref, pairing)
+    pairing_errors = {image: reason for _, image, reason in pairing.errors}
+    kept: Dict[str, List[str]] = {}
+    if csv_path and resume:
+        for path in [csv_path, *existing_part_files(csv_path)]:
+            if os.path.exists(path):
+                for image, row in read_rows(path, header).items():
+                    kept.setdefault(image, row)
+        _check_kept_rows(kept, set(images), pairing.refs, csv_path)
+    elif csv_path:
+        for path in existing_part_files(csv_path):
+            os.remove(path)
+    todo = [(index, image, pairing.refs.get(image)) for index, image in enumerate(images)
+            if image not in kept and image not in pairing_errors]
+    return _Plan(images, pairing.refs, pairing_errors, kept, todo)
+
+
+def _check_kept_rows(kept: Dict[str, List[str]], images: set, refs: Dict[str, str], csv_path: str) -> None:
+    strangers = [image for image in kept if image not in images]
+    if strangers:
+        raise ValueError(f'{csv_path} (or its part files) has rows for {len(strangers)} images that are not in this '
+                         f'target, e.g. {strangers[0]}: it was written for another target; give another --csv, or '
+                         'drop --resume to overwrite it')
+    for image, row in kept.items():
+        if row[1] != refs.get(image, ''):
+            raise ValueError(f'{csv_path}: {image} was scored against the reference {row[1]!r}, this run pairs it '
+                             f'with {refs.get(image, "")!r}; give another --csv, or drop --resume to overwrite it')
+
+
+def _parse_kept(row: List[str], metrics: Sequence[str], creation: set) -> Tuple[Dict[str, float], list]:
+    """Scores and failures of a kept row, for the report (the row itself is written back unchanged)."""
+    scores = {m: float(v) for m, v in zip(metrics, row[2:-1]) if v != ''}
+    errors = []
+    for reason in row[-1].split(' | ') if row[-1] else []:
+        if reason in creation:
+            continue
+        metric = next((m for m in metrics if reason.startswith(f'{m}: ')), '*')
+        errors.append((metric, reason[len(metric) + 2:] if metric != '*' else reason))
+    return scores, errors
+
+
+def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
+                 batch_size: int = 8, progress: bool = True,
+                 metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
+                 csv_path: Optional[str] = None, resume: bool = False,
+                 metrics: Optional[Dict[str, object]] = None) -> ScoreReport:
+    """Score every image of ``target`` (folder, ``.txt`` list or file) with every metric; failures are recorded,
+    never raised or skipped.
+
+    With ``csv_path`` rows are written as batches finish and the file is rewritten at the end in image order
+    (atomically); ``resume`` keeps the rows already there (and in part files) and scores only the missing images.
+    In a process group (torchrun) the images are split over the ranks; rank 0 gets the report of every image
+    and writes the CSV, the other ranks get a report of their share only. ``metrics`` (created metrics by name,
+    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone.
+    """
+    metric_names = list(metric_names)
+    metric_options = metric_options or {}
+    unknown = sorted(set(metric_options) - set(metric_names))
+    if unknown:
+        raise ValueError(f'--metric-opt names metrics that are not scored: {unknown}')
+    if resume and not csv_path:
+        raise ValueError('resume needs the CSV file of the earlier run')
+    header = csv_header(metric_names)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    plan, failure = None, None
+    if rank == 0:
+        try:
+            plan = _plan(target, ref, header, csv_path, resume)
+        except (ValueError, FileNotFoundError) as error:
+            failure = error
+    plan, failure = distributed.broadcast_object((plan, failure))
+    if failure is not None:
+        raise failure
+
+    report = ScoreReport(images=plan.images, refs=plan.refs, metrics=metric_names)
+    if metrics is None:
+        no_references = None if ref else 'full-reference metric: give reference images with -r'
+        metrics = create_metrics(metric_names, metric_options, device, report, missing_references=no_references)
+    creation_errors = [(metric, reason) for metric, _, reason in report.errors]
+    mine = distributed.shard(plan.todo, rank, world_size)
+    log = RowLog(part_file(csv_path, rank), header, resume) if csv_path else None
+    results: List[ImageResult] = []
+    try:
+        with _progress_bar(len(mine), progress and rank == 0, 'scoring') as bar:
+            if log is not None and rank == 0:
+                log.append([_row(image, '', {}, metric_names, [('*', reason)] + creation_errors)
+                            for image, reason in plan.pairing_errors.items() if image not in plan.kept])
+            stream = score_stream([p for _, p, _ in mine], metrics, batch_size, workers,
+                                  [r for _, _, r in mine] if ref else None, [i for i, _, _ in mine])
+            for chunk in stream:
+                if log is not None:
+                    log.append([_row(r.path, plan.refs.get(r.path, ''), r.scores, metric_names,
+                                     creation_errors + r.errors) for r in chunk])
+                results.extend(chunk)
+                bar.update(len(chunk))
+    finally:
+        if log is not None:
+            log.close()
+    gathered = distributed.gather_objects((creation_errors, results))
+    if rank != 0:
+        report.images = [p for _, p, _ in mine]
+        _add_results(report, results)
+        return report
+    _merge_report(report, plan, gathered)
+    if csv_path:
+        _write_final_csv(csv_path, header, plan, gathered)
+    return report
+
+
+def _add_results(report: ScoreReport, results: Sequence[ImageResult]) -> None:
+    for result in results:
+        if result.scores:
+            report.scores[result.path] = dict(result.scores)
+        for metric, reason in result.errors:
+            report.add_error(metric, result.path, reason)
+
+
+def _merge_report(report: ScoreReport, plan: _Plan, gathered: list) -> None:
+    """Rank 0's report of the whole collection: each failure once, in image order after the setup failures."""
+    creation = [(metric, reason) for errors, _ in gathered for metric, reason in errors]
+    creation = list(OrderedDict.fromkeys(creation))
+    report.errors = [('*', image, reason) for image, reason in plan.pairing_errors.items()]
+    report.errors += [(metric, '*', reason) for metric, reason in creation]
+    creation_texts = {_reason_text(m, r) for m, r in creation}
+    new = {r.index: r for _, results in gathered for r in results}
+    for index, image in enumerate(plan.images):
+        if index in new:
+            _add_results(report, [new[index]])
+        elif image in plan.kept:
+            scores, errors = _parse_kept(plan.kept[image], report.metrics, creation_texts)
+            if scores:
+                report.scores[image] = scores
+            report.errors += [(metric, image, reason) for metric, reason in errors
+                              if image not in plan.pairing_errors]
+
+
+def _write_final_csv(csv_path: str, header: List[str], plan: _Plan, gathered: list) -> None:
+    """The CSV in image order: kept rows as they were, new rows with the creation failures of their rank."""
+    metrics = header[2:-1]
+    new = {r.index: (errors, r) for errors, results in gathered for r in results}
+    pairing_creation = gathered[0][0]
+    rows = []
+    for index, image in enumerate(plan.images):
+        if image in plan.kept:
+            rows.append(plan.kept[image])
+        elif image in plan.pairing_errors:
+            rows.append(_row(image, '', {}, metrics, [('*', plan.pairing_errors[image])] + pairing_creation))
+        elif index in new:
+            creation, result = new[index]
+            rows.append(_row(image, plan.refs.get(image, ''), result.scores, metrics, creation + result.errors))
+        else:
+            raise RuntimeError(f'internal error: no row for {image}')
+    _write_atomically(csv_path, header, rows)
+    for path in existing_part_files(csv_path):
+        os.remove(path)

@@ -96,3 +96,22 @@ def training_options(config_path, workdir, **train_overrides) -> Dict:
     os.makedirs(opt['path']['models'], exist_ok=True)
     os.makedirs(opt['path']['training_states'], exist_ok=True)
     return opt
+
+
+def tiny_grmp_cli_options(checkpoint) -> list:
+    """``--metric-opt`` arguments that make the ``grmp_iqa`` of the CLI the tiny model saved at ``checkpoint``."""
+    import yaml
+
+    backbone = yaml.safe_dump(TINY_BACKBONE, default_flow_style=True).strip()
+    return ['--metric-opt', f'grmp_iqa:pretrained_model_path={checkpoint}',
+            '--metric-opt', f'grmp_iqa:backbone={backbone}',
+            '--metric-opt', f'grmp_iqa:num_visual_prompts={TINY_NUM_PROMPTS}']
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for one distributed test's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]

@@ -11,6 +11,7 @@ and are computed once, like the text features, and the last block runs the CLS q
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +36,21 @@ def square_resize(images: torch.Tensor, size: int, antialias: bool = False) -> t
     if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images, size=(size, size), mode='bicubic', align_corners=False, antialias=antialias)
+
+
+@dataclass(frozen=True)
+class SquareResize:
+    """:func:`square_resize` to ``size`` as a picklable value: GRMP-IQA's declared fixed input resize.
+
+    Scoring runs it in data-loading workers (see :data:`pyiqa_grmp.scoring.FIXED_RESIZE_ATTRIBUTE`), so it
+    must be, and is, the very call :meth:`GRMPIQA.preprocess` makes.
+    """
+
+    size: int
+    antialias: bool = False
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return square_resize(images, self.size, self.antialias)
 
 
 def random_crop_and_flip(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -363,6 +379,18 @@ class GRMPIQA(nn.Module):
         return self._constant('scene_text', self._text_dependencies(), compute)
 
     # ------------------------------------------------------------------------------------------- image side
+    @property
+    def fixed_input_resize(self) -> Optional[SquareResize]:
+        """The resize that starts :meth:`preprocess`, for scoring to run ahead of time on float32 RGB images.
+
+        None when the model computes in another dtype (the resize would then not be the same computation).
+        An input already at the declared size passes :meth:`preprocess` unresized, so scoring an image resized
+        by this value gives the same score as scoring the original.
+        """
+        if self.pixel_mean.dtype != torch.float32:
+            return None
+        return SquareResize(self.resize, self.antialias)
+
     def preprocess(self, x: torch.Tensor, random_crop: bool = False) -> torch.Tensor:
         """(N, 1|3, H, W) in [0, 1], any size -> normalised (N, 3, crop, crop) for the backbone.
 
@@ -382,7 +410,7 @@ class GRMPIQA(nn.Module):
         x = x.to(self.pixel_mean.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = square_resize(x, self.resize, self.antialias)
+        x = SquareResize(self.resize, self.antialias)(x)
         if random_crop:
             x = random_crop_and_flip(x, self.crop)
         else:
