@@ -114,10 +114,14 @@ def train(argv: Sequence[str], root_path: Optional[str] = None) -> dict:
     """Run pyiqa's train_pipeline on a YAML (``-opt``), with the plugin loaded; returns the best metrics."""
     from pyiqa.train import train_pipeline
 
+    from .reporting import plot_run_curves
+
     root_path = root_path or os.getcwd()
     opt, args = parse_training_options(argv, root_path)
     with _cpu_capable_resume():
-        return train_pipeline(root_path, opt, args)
+        best = train_pipeline(root_path, opt, args)
+    plot_run_curves(opt)
+    return best
 
 
 # -------------------------------------------------------------------------------------------------- protocol
