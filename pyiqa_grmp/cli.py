@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
 from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.set_defaults(handler=_cmd_make_synthetic)
 
     add_compare_parser(commands)
+    add_adapt_parser(commands)
     return parser
 
 
