@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
+from .demo import add_demo_parser
 from .scoring import ScoreReport, parse_metric_options, score_images, write_csv
 
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_parser(commands)
     add_adapt_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 
