@@ -138,15 +138,19 @@ def plot_curves(jsonl_path: str, png_path: str, title: Optional[str] = None) -> 
     for name in losses:
         loss_axis.plot(*_series(train, name), label=name, linewidth=1)
     loss_axis.set_title('training losses')
+    names = sorted(set(val_metrics) | {name.split('/')[-1] for name in train_metrics})
+    colour = {name: f'C{index}' for index, name in enumerate(names)}  # a metric keeps its colour in both
     for name in train_metrics:  # batch metrics of the training step, for comparison with validation
-        val_axis.plot(*_series(train, name), label=f'train batch {name.split("/")[-1]}', linewidth=0.8, alpha=0.4)
-    for dataset in datasets:
+        short = name.split('/')[-1]
+        val_axis.plot(*_series(train, name), label=f'train batch {short}', linewidth=0.8, alpha=0.35,
+                      color=colour[short])
+    for number, dataset in enumerate(datasets):
         rows = [r for r in val if str(r.get('dataset', '')) == dataset]
         for name in val_metrics:
             x, y = _series(rows, name)
             if len(x):
-                val_axis.plot(x, y, marker='o', markersize=3, label=f'val {name}' + (f' ({dataset})' if
-                                                                                      len(datasets) > 1 else ''))
+                val_axis.plot(x, y, marker='os^v'[number % 4], markersize=3, color=colour[name],
+                              label=f'val {name}' + (f' ({dataset})' if len(datasets) > 1 else ''))
         best = [r for r in rows if r.get('improved')]
         if best:
             val_axis.axvline(best[-1]['iter'], color='grey', linestyle=':', linewidth=1)

@@ -194,3 +194,15 @@ def test_default_start_offline_says_where_to_put_the_weights(labelled, tmp_path,
                    '--out', str(tmp_path / 'run'), '--device', 'cpu'])
     error = capsys.readouterr().err
     assert status == 2 and 'clive_50_prompt_lda_5.0.pt' in error and str(tmp_path / 'empty_cache') in error
+
+
+def test_paper_preset_has_the_paper_configs_training_settings():
+    from pathlib import Path
+
+    from pyiqa_grmp.adapt import PRESETS
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / 'configs' / 'finetune_livec_50shot.yml')
+                            .read_text())
+    preset = PRESETS['paper']
+    assert config['train'] == preset['train']
+    assert config['val']['val_freq'] == preset['val_freq'] and config['datasets']['train']['batch_size_per_gpu'] == 50
