@@ -269,6 +269,12 @@ def read_override(path: str) -> dict:
     return loaded
 
 
+def batch_size(num_shots: int, max_batch: int) -> int:
+    """One batch of all shots when they fit in ``max_batch`` (the official choice), else the fewest equal batches:
+    pyiqa drops an incomplete last batch, so equal ones leave at most a few shots out of each epoch."""
+    return num_shots // math.ceil(num_shots / max_batch)
+
+
 def build_options(labels: LabelledSet, plan: SplitPlan, preset: str, start: str, device: Optional[str],
                   seed: int) -> dict:
     """The full training options of an adapt run (before ``--override`` and ``--set``)."""
@@ -286,7 +292,7 @@ def build_options(labels: LabelledSet, plan: SplitPlan, preset: str, start: str,
         'num_gpu': num_gpu,
         'manual_seed': seed,
         'datasets': {
-            'train': {'name': 'shots', **split, 'batch_size_per_gpu': min(plan.num_shots, settings['max_batch']),
+            'train': {'name': 'shots', **split, 'batch_size_per_gpu': batch_size(plan.num_shots, settings['max_batch']),
                       'num_worker_per_gpu': 0, 'use_shuffle': True, 'dataset_enlarge_ratio': 1,
                       'prefetch_mode': None},
             'val': {'name': 'val', **split, 'batch_size_per_gpu': 32, 'cache_images': True},
@@ -367,8 +373,8 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
         table.append(f'| {label} | ' + ' | '.join(_interval(row[m], row[f'{m}_ci']) for m in ('srcc', 'plcc', 'krcc'))
                      + ' |')
     gain = results['gain']
-    table.append('| gain (paired) | ' + ' | '.join(_interval(gain[m], gain[f'{m}_ci']) for m in ('srcc', 'plcc', 'krcc'))
-                 + ' |')
+    table.append('| gain (paired) | ' + ' | '.join(_interval(gain[m], gain[f'{m}_ci'])
+                                                for m in ('srcc', 'plcc', 'krcc')) + ' |')
     settings = summary['settings']
     best = summary['training'].get('best')
     best_text = (f'iteration {best["iter"]} (carve-out SRCC {best["srcc"]:.4f}, PLCC {best["plcc"]:.4f})'
@@ -387,7 +393,7 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
         f'- Started from `{settings["start"]}`.',
         f'- Device: {settings["device"]}; {summary["training"]["iterations"]} training iterations; checkpoint '
         f'chosen on the carve-out at {best_text}.',
-        f'- Full training options: `options.yml` (rerun or edit it: `pyiqa-grmp train -opt options.yml`).',
+        '- Full training options: `options.yml` (rerun or edit it: `pyiqa-grmp train -opt options.yml`).',
         *([f'- Changed from the preset: {", ".join(settings["changed"])}.'] if settings['changed'] else []), '',
         f'## Held-out results ({counts["test"]} images never used for training or for choosing the checkpoint)', '',
         *table, '',

@@ -209,7 +209,8 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help='option for one metric, value parsed as YAML (repeatable)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
     parser.add_argument('--size', type=int, default=224, help='side of the square photos in pixels (default 224)')
-    parser.add_argument('--out', default=DEFAULT_OUT, help=f'folder for demo.png and scores.csv (default {DEFAULT_OUT})')
+    parser.add_argument('--out', default=DEFAULT_OUT,
+                        help=f'folder for demo.png and scores.csv (default {DEFAULT_OUT})')
     parser.set_defaults(handler=run_demo_command)
     return parser
 

@@ -206,3 +206,10 @@ def test_paper_preset_has_the_paper_configs_training_settings():
     preset = PRESETS['paper']
     assert config['train'] == preset['train']
     assert config['val']['val_freq'] == preset['val_freq'] and config['datasets']['train']['batch_size_per_gpu'] == 50
+
+
+@pytest.mark.parametrize('shots, batch', [(8, 8), (50, 50), (59, 29), (101, 33)])
+def test_batch_is_all_shots_up_to_the_preset_limit_then_equal_parts(shots, batch):
+    from pyiqa_grmp.adapt import batch_size
+
+    assert batch_size(shots, 50) == batch

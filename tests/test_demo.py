@@ -1,10 +1,8 @@
 """`pyiqa-grmp demo`: offline without the GRMP-IQA weights, with a tiny GRMP model, and what counts as broken."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
