@@ -10,7 +10,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
+from .demo import add_demo_parser
 from .precision import add_precision_argument, add_precision_option
 from .scoring import ScoreReport, default_workers, parse_metric_options, score_images
 
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.set_defaults(handler=_cmd_make_synthetic)
 
     add_compare_parser(commands)
+    add_adapt_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 

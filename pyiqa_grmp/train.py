@@ -382,9 +382,13 @@ def _check_ranks_agree(model) -> None:
 
 def train(argv: Sequence[str], root_path: Optional[str] = None) -> Dict[str, Any]:
     """Train from a YAML (``-opt``) with the plugin loaded; returns the best validation results."""
+    from .reporting import plot_run_curves
+
     root_path = root_path or os.getcwd()
     opt, args = parse_training_options(argv, root_path)
-    return run_training(opt, args, root_path)
+    best = run_training(opt, args, root_path)
+    plot_run_curves(opt)
+    return best
 
 
 # -------------------------------------------------------------------------------------------------- protocol

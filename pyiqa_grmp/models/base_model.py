@@ -1,8 +1,10 @@
 """What both GRMP-IQA training models share on top of pyiqa's GeneralIQAModel: checkpoint loading (ours and
-official), whole-loader prediction, checkpoint selection on the sum of validation metrics, and a resume that
-restores the network weights and each model's own state."""
+official), whole-loader prediction, checkpoint selection on the sum of validation metrics, a resume that
+restores the network weights and each model's own state, and the metrics log (``metrics.jsonl`` next to pyiqa's
+log: every training step and validation, whichever loop drives the model)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Dict, List, Optional
@@ -17,6 +19,7 @@ from torch import nn
 
 from ..checkpointing import STATE_FORMAT, atomic_torch_save
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
+from ..reporting import METRICS_FILE, MetricsLog
 
 
 class TrainingConfigError(ValueError):
@@ -69,7 +72,42 @@ class GRMPBaseModel(GeneralIQAModel):
                                       f'{list(val_opt["metrics"])}')
         self.best_monitor = -math.inf
         self.best_metric_results: dict = {}  # pyiqa's record of the best validation results; empty without val
+        self.current_epoch = 0
+        log_folder = (opt.get('path') or {}).get('log')
+        writes_log = opt.get('is_train') and opt.get('rank', 0) == 0 and log_folder
+        self.metrics_log = MetricsLog(os.path.join(log_folder, METRICS_FILE)) if writes_log else None
         super().__init__(opt)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Log every training step of every GRMP model: a subclass's own ``optimize_parameters`` is wrapped so
+        that, after it returns, :meth:`log_training_step` records the step. A call that took no step (e.g. after
+        the plateau rule stopped training) leaves ``log_dict`` as it was and is not recorded."""
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get('optimize_parameters')
+        if step is None:
+            return
+
+        @functools.wraps(step)
+        def optimize_and_log(self, current_iter: int) -> None:
+            previous = getattr(self, 'log_dict', None)
+            step(self, current_iter)
+            if getattr(self, 'log_dict', None) is not previous:
+                self.log_training_step(current_iter)
+
+        cls.optimize_parameters = optimize_and_log
+
+    def log_training_step(self, current_iter: int) -> None:
+        """Append the step's ``log_dict`` (losses, batch metrics) and learning rate to ``metrics.jsonl``."""
+        if self.metrics_log is None:
+            return
+        lr = max(self.get_current_learning_rate()) if self.optimizers else None
+        self.metrics_log.log({'kind': 'train', 'iter': current_iter, 'epoch': self.current_epoch, 'lr': lr,
+                              **self.log_dict})
+
+    def update_learning_rate(self, current_iter: int, warmup_iter: int = -1) -> None:
+        """pyiqa's loop calls this at the end of each epoch with ``epoch + 2``; the log's epoch follows it."""
+        super().update_learning_rate(current_iter, warmup_iter)
+        self.current_epoch = current_iter - 1
 
     def load_network(self, net: nn.Module, load_path: str, strict: bool = True, param_key: str = 'params') -> None:
         """Load ours or an official checkpoint (converted), always strictly; pyiqa's loader knows neither."""
@@ -150,6 +188,10 @@ class GRMPBaseModel(GeneralIQAModel):
                 self._update_metric_result(dataset_name, name, value, current_iter)
             self.save_network(self.net, 'net_best')
         self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        if self.metrics_log is not None:
+            lr = max(self.get_current_learning_rate()) if self.optimizers else None
+            self.metrics_log.log({'kind': 'val', 'iter': current_iter, 'epoch': self.current_epoch, 'lr': lr,
+                                  'dataset': dataset_name, **self.metric_results, 'improved': improved})
         return improved
 
     # -------------------------------------------------------------------------------------- saving, resume
@@ -203,6 +245,7 @@ class GRMPBaseModel(GeneralIQAModel):
                                     'are missing')
         self.get_bare_model(self.net).load_checkpoint(weights)
         super().resume_training(resume_state)
+        self.current_epoch = int(resume_state.get('epoch', 0))
         extra = resume_state.get('grmp', {})
         self.best_monitor = extra.get('best_monitor', self.best_monitor)
         self.best_metric_results = extra.get('best_metric_results') or {}

@@ -1,0 +1,569 @@
+"""``pyiqa-grmp adapt``: fine-tune GRMP-IQA on your own labelled images in one command, and get a report.
+
+It checks the data (before any training), splits the labelled images into shots / validation carve-out /
+held-out test, writes the full training YAML (``RUN_DIR/options.yml``, rerunnable with ``pyiqa-grmp train -opt``),
+scores the held-out images with the starting model (zero-shot), fine-tunes with ``pyiqa-grmp train`` (checkpoint
+chosen on the carve-out), scores the held-out images again, and writes into ``RUN_DIR``:
+
+- ``model.pth``: the chosen checkpoint, for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``;
+- ``report.md`` and ``summary.json``: data, split sizes, settings, held-out SRCC / PLCC / KRCC with bootstrap 95 %
+  intervals against the starting model, and the lines that use the model;
+- ``predictions.csv`` (every held-out image: MOS, score before, score after), ``split.csv`` (every labelled image
+  and its role), ``curves.png`` (losses, validation SRCC / PLCC, learning rate per iteration), ``scatter.png``;
+- ``experiments/adapt/``: the training run itself (pyiqa's log, ``metrics.jsonl``, checkpoints, states).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data.fewshot_dataset import few_shot_split
+from .reporting import (CURVES_FILE, METRICS_FILE, bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals,
+                        copy_atomically, correlation_values, plot_curves, read_metrics, scatter_before_after,
+                        write_atomically)
+
+#: Fewest held-out test images for correlations worth reporting, and fewest carve-out images to choose on.
+MIN_TEST_IMAGES = 10
+MIN_VAL_IMAGES = 3
+#: Experiment name of the training run inside RUN_DIR (``RUN_DIR/experiments/adapt``, unless overridden).
+RUN_NAME = 'adapt'
+BOOTSTRAP_RESAMPLES = 2000
+
+#: The paper's fine-tuning settings (configs/finetune_livec_50shot.yml): SGD, the official gradient rule at
+#: lambda 5, the last 4 blocks of both towers trainable, the official plateau schedule, up to 2000 epochs,
+#: validation every 5 iterations, at most 50 images per batch (one batch of all shots for up to 50 shots).
+PAPER_TRAIN = {
+    'optim': {'type': 'SGD', 'lr': 1e-3, 'weight_decay': 1e-4},
+    'trainable': {'last_blocks': 4, 'names': ['prompt_learner.ctx', 'clip.visual.ln_post', 'clip.ln_final']},
+    'grad_reg': {'lam': 5.0, 'mode': 'official', 'temperature': 1.0},
+    'lr_plateau': {'factor': 0.3, 'patience': 6, 'min_iter': 10, 'min_lr': 5e-7},
+    'amp': None,
+    'total_epoch': 2000,
+}
+PRESETS: Dict[str, dict] = {
+    'paper': {'train': PAPER_TRAIN, 'val_freq': 5, 'max_batch': 50, 'save_checkpoint_freq': 500},
+    # Same rule, optimiser, trainable parts and batch; 12 epochs instead of up to 2000, validation every 2
+    # iterations instead of 5, and the plateau rule's patience 2 validations instead of 6 so it can act.
+    'cpu': {'train': dict(PAPER_TRAIN, total_epoch=12,
+                          lr_plateau={'factor': 0.3, 'patience': 2, 'min_iter': 4, 'min_lr': 5e-7}),
+            'val_freq': 2, 'max_batch': 50, 'save_checkpoint_freq': 6},
+}
+PRESET_HELP = {
+    'paper': 'the paper\'s settings: SGD lr 1e-3, gradient rule "official" at lambda 5, last 4 blocks trainable, '
+             'lr x0.3 after 6 validations without a new best, up to 2000 epochs, validation every 5 iterations',
+    'cpu': 'the paper\'s rule, optimiser, trainable parts and batch, but 12 epochs, validation every 2 iterations '
+           'and plateau patience 2: minutes on a laptop CPU at ViT-B/16 for about 50 shots',
+}
+
+
+@dataclass
+class LabelledSet:
+    """The labelled images of a run: meta CSV, image folder, paths in CSV order, raw MOS, label direction."""
+
+    meta_info: str
+    root: str
+    paths: List[str]
+    mos: np.ndarray
+    lower_better: bool
+    description: str
+
+
+@dataclass
+class SplitPlan:
+    """Row indices of the shots, the validation carve-out, the held-out test images and the unused rest."""
+
+    num_shots: int
+    num_val: int
+    train_ratio: float
+    seed: int
+    indices: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    def counts(self) -> Dict[str, int]:
+        return {role: int(len(rows)) for role, rows in self.indices.items()}
+
+
+# ------------------------------------------------------------------------------------------------- the data
+def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dataset: Optional[str] = None,
+                data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledSet:
+    """Read and check the labels: column 0 the image path relative to the image folder, column 1 the score.
+
+    Raises ValueError / FileNotFoundError naming the file and the problem: unreadable CSV, no numeric score
+    column, missing or non-numeric scores, a constant score column.
+    """
+    if (dataset is None) == (meta_info is None):
+        raise ValueError('give either --meta-info CSV --root DIR or --dataset NAME --data-root DIR')
+    info_lower_better = False
+    if dataset is not None:
+        from .comparison import _dataset_source
+
+        meta_info, root, references, info_lower_better = _dataset_source(dataset, data_root)
+        if references is not None:
+            raise ValueError(f'pyiqa dataset {dataset!r} has a full-reference layout (reference, image, score); '
+                             'adapt needs (image, score) rows: pass --meta-info and --root instead')
+        source = f'pyiqa dataset {dataset} (meta CSV {meta_info}, images under {root})'
+    else:
+        if root is None:
+            raise ValueError(f'--meta-info {meta_info} needs --root, the folder its image paths are relative to')
+        source = f'meta CSV {meta_info} (images under {root})'
+    meta_info, root = os.path.abspath(meta_info), os.path.abspath(root)
+    if not os.path.isfile(meta_info):
+        raise FileNotFoundError(f'meta info CSV {meta_info} not found')
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'image folder {root} not found')
+    try:
+        table = pd.read_csv(meta_info)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f'meta info CSV {meta_info} cannot be read as CSV: {error}') from error
+    if table.shape[1] < 2 or table.empty:
+        raise ValueError(f'meta info CSV {meta_info} has no score column: it needs a header and rows of (image path, '
+                         f'score, ...); it has {table.shape[1]} column(s) {list(table.columns)} and {len(table)} rows')
+    column = table.columns[1]
+    scores = pd.to_numeric(table.iloc[:, 1], errors='coerce').to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size == len(scores):
+        raise ValueError(f'meta info CSV {meta_info} has no numeric score column: column 2 ({column!r}) must hold '
+                         f'the scores (MOS), but it holds e.g. {table.iat[0, 1]!r}; the layout is: image path, score, '
+                         f'any other columns')
+    if bad.size:
+        raise ValueError(f'meta info CSV {meta_info}: {bad.size} rows have a missing or non-numeric score in column '
+                         f'{column!r}, e.g. on lines {(bad[:5] + 2).tolist()}')
+    if np.ptp(scores) == 0:
+        raise ValueError(f'meta info CSV {meta_info}: every score in column {column!r} is {scores[0]:g}; a constant '
+                         'MOS gives nothing to learn or to correlate with')
+    direction = info_lower_better if lower_better is None else bool(lower_better)
+    paths = [os.path.join(root, str(name)) for name in table.iloc[:, 0]]
+    return LabelledSet(meta_info=meta_info, root=root, paths=paths, mos=scores, lower_better=direction,
+                       description=source)
+
+
+def plan_split(labels: LabelledSet, shots: str = 'all', test_ratio: float = 0.2, num_val: Optional[int] = None,
+               seed: int = 0) -> SplitPlan:
+    """The shots / carve-out / held-out split of ``FewShotNRDataset`` for these options, checked for size and for
+    MOS that vary within each part (``shots`` is a number or 'all': every pool image not in the carve-out)."""
+    total = len(labels.paths)
+    if not 0 < test_ratio < 1:
+        raise ValueError(f'--test-ratio must be between 0 and 1, got {test_ratio}')
+    train_ratio = 1.0 - test_ratio
+    pool = int(math.floor(train_ratio * total))
+    num_test = total - pool
+    if num_val is None:
+        num_val = max(5, round(0.1 * total))
+    if num_val < MIN_VAL_IMAGES:
+        raise ValueError(f'--num-val must be at least {MIN_VAL_IMAGES} (the checkpoint is chosen on their '
+                         f'correlations), got {num_val}')
+    if shots == 'all':
+        num_shots = pool - num_val
+    else:
+        try:
+            num_shots = int(shots)
+        except ValueError:
+            raise ValueError(f'--shots must be a number or "all", got {shots!r}') from None
+        if num_shots < 2:
+            raise ValueError(f'--shots must be at least 2, got {num_shots}')
+    needed = max(num_shots, 2) + num_val
+    if num_test < MIN_TEST_IMAGES or needed > pool:
+        raise ValueError(
+            f'{total} labelled images are too few: {max(num_shots, 2)} shots + {num_val} validation carve-out + at '
+            f'least {MIN_TEST_IMAGES} held-out test images are needed, and --test-ratio {test_ratio} holds out '
+            f'{num_test} and leaves a pool of {pool} for shots and carve-out. Label more images, or lower --shots / '
+            f'--num-val, or change --test-ratio.')
+    indices = few_shot_split(total, num_shots, seed, train_ratio, num_val)
+    used = np.zeros(total, dtype=bool)
+    for rows in indices.values():
+        used[rows] = True
+    plan = SplitPlan(num_shots=num_shots, num_val=num_val, train_ratio=train_ratio, seed=seed,
+                     indices={'shots': indices['train'], 'val': indices['val'], 'test': indices['test'],
+                              'unused': np.flatnonzero(~used)})
+    for role in ('shots', 'val', 'test'):
+        values = labels.mos[plan.indices[role]]
+        if np.ptp(values) == 0:
+            raise ValueError(f'every {role} image of split seed {seed} has the score {values[0]:g}; labels must vary '
+                             f'within each part (min-max normalisation, correlations): try another --seed')
+    return plan
+
+
+def check_images(paths: Sequence[str]) -> None:
+    """Decode every image the run will read; FileNotFoundError / ValueError naming every missing or unreadable
+    file (all of them are listed, not only the first)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    missing, unreadable = [], []
+    for path in tqdm(paths, desc='checking images', unit='img', file=sys.stderr, disable=len(paths) < 200):
+        if not os.path.isfile(path):
+            missing.append(path)
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises many types for broken files
+            unreadable.append(f'{path} ({type(error).__name__}: {error})')
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} image file(s) missing: ' + ', '.join(missing[:20]) +
+                        (' ...' if len(missing) > 20 else ''))
+    if unreadable:
+        problems.append(f'{len(unreadable)} image file(s) unreadable: ' + '; '.join(unreadable[:20]) +
+                        (' ...' if len(unreadable) > 20 else ''))
+    if problems:
+        error_type = FileNotFoundError if missing and not unreadable else ValueError
+        raise error_type('; '.join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- the options
+def set_option(options: dict, assignment: str) -> None:
+    """Apply ``KEY:SUB=VALUE`` (the value parsed as safe YAML; missing keys are created) to ``options``."""
+    import yaml
+
+    keys, sep, value = assignment.partition('=')
+    path = [key.strip() for key in keys.split(':')]
+    if not sep or not all(path):
+        raise ValueError(f'--set {assignment!r} is not of the form KEY:SUB=VALUE')
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f'--set {assignment!r}: the value is not valid YAML ({error})') from error
+    target = options
+    for key in path[:-1]:
+        if not isinstance(target.setdefault(key, {}), dict):
+            raise ValueError(f'--set {assignment!r}: {key!r} is not a mapping')
+        target = target[key]
+    target[path[-1]] = parsed
+
+
+def merge_options(base: dict, override: Mapping) -> dict:
+    """``base`` with ``override`` merged in, mapping by mapping (other values replace)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge_options(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_override(path: str) -> dict:
+    """A YAML mapping of training options (read with the safe loader: data only, never code)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--override file {path} not found')
+    try:
+        with open(path) as stream:
+            loaded = yaml.safe_load(stream)
+    except yaml.YAMLError as error:
+        raise ValueError(f'--override file {path} is not plain YAML data: {error}') from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f'--override file {path} must hold a mapping of training options, got {type(loaded).__name__}')
+    return loaded
+
+
+def batch_size(num_shots: int, max_batch: int) -> int:
+    """One batch of all shots when they fit in ``max_batch`` (the official choice), else the fewest equal batches:
+    pyiqa drops an incomplete last batch, so equal ones leave at most a few shots out of each epoch."""
+    return num_shots // math.ceil(num_shots / max_batch)
+
+
+def build_options(labels: LabelledSet, plan: SplitPlan, preset: str, start: str, device: Optional[str],
+                  seed: int) -> dict:
+    """The full training options of an adapt run (before ``--override`` and ``--set``)."""
+    if preset not in PRESETS:
+        raise ValueError(f'--preset must be one of {sorted(PRESETS)}, got {preset!r}')
+    settings = PRESETS[preset]
+    split = {'type': 'FewShotNRDataset', 'dataroot_target': labels.root, 'meta_info_file': labels.meta_info,
+             'num_shots': plan.num_shots, 'split_seed': seed, 'train_ratio': plan.train_ratio,
+             'num_val': plan.num_val, 'label_norm': 'minmax_per_subset', 'lower_better': labels.lower_better,
+             'resize': 244}
+    num_gpu = {'cpu': 0, 'cuda': 1, None: 'auto'}[device]
+    return {
+        'name': RUN_NAME,
+        'model_type': 'GRMPFinetuneModel',
+        'num_gpu': num_gpu,
+        'manual_seed': seed,
+        'datasets': {
+            'train': {'name': 'shots', **split, 'batch_size_per_gpu': batch_size(plan.num_shots, settings['max_batch']),
+                      'num_worker_per_gpu': 0, 'use_shuffle': True, 'dataset_enlarge_ratio': 1,
+                      'prefetch_mode': None},
+            'val': {'name': 'val', **split, 'batch_size_per_gpu': 32, 'cache_images': True},
+        },
+        'network': {'type': 'GRMPIQA', 'pretrained': True, 'pretrained_model_path': os.path.abspath(start),
+                    'backbone': 'ViT-B-16-quickgelu', 'backbone_pretrained': 'openai', 'num_visual_prompts': 100,
+                    'n_ctx': 4},
+        'path': {'pretrain_network': None, 'resume_state': None},
+        'train': copy.deepcopy(settings['train']),
+        'val': {'val_freq': settings['val_freq'], 'save_img': False, 'pbar': False, 'key_metric': 'srcc',
+                'select_by': ['srcc', 'plcc'],
+                'metrics': {'srcc': {'type': 'calculate_srcc'}, 'plcc': {'type': 'calculate_plcc'}}},
+        'logger': {'print_freq': 10, 'save_latest_freq': 1e9, 'save_checkpoint_freq': settings['save_checkpoint_freq'],
+                   'use_tb_logger': False, 'wandb': {'project': None, 'resume_id': None}},
+        'dist_params': {'backend': 'nccl', 'port': 29500},
+    }
+
+
+def metric_kwargs(network: Mapping) -> Dict[str, object]:
+    """``create_metric('grmp_iqa', ...)`` arguments that rebuild this network: the options that differ from the
+    metric's defaults (loading weights is the checkpoint's business, so those options are left out)."""
+    from .archs.grmp_arch import GRMPIQA
+
+    defaults = {name: p.default for name, p in inspect.signature(GRMPIQA.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    skip = {'type', 'pretrained', 'pretrained_model_path', 'backbone_pretrained', 'weights'}
+    return {k: v for k, v in network.items() if k not in skip and
+            (k not in defaults or _as_plain(defaults[k]) != _as_plain(v))}
+
+
+def _as_plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def usage_lines(model_path: str, network: Mapping) -> Dict[str, str]:
+    """The Python and CLI lines that score images with the adapted model."""
+    extra = metric_kwargs(network)
+    arguments = ''.join(f', {key}={value!r}' for key, value in extra.items())
+    python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r}{arguments})"
+    options = [f'grmp_iqa:pretrained_model_path={model_path}']
+    options += [f'grmp_iqa:{key}={json.dumps(value)}' for key, value in extra.items()]  # JSON is YAML
+    cli = 'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ ' + ' '.join(f'--metric-opt {shlex.quote(o)}' for o in options)
+    return {'python': f'import pyiqa, pyiqa_grmp\n{python}\nscore = metric("photo.jpg")  # higher is better',
+            'python_create': python, 'cli': cli}
+
+
+# ----------------------------------------------------------------------------------------------- predicting
+def predict_test_split(options: dict, checkpoint: str, device: str) -> Dict[str, np.ndarray]:
+    """Scores of ``checkpoint`` on the held-out test split of ``options``: paths, raw MOS and predictions."""
+    import torch
+    from pyiqa.archs import build_network
+
+    from .data.fewshot_dataset import FewShotNRDataset
+    from .models.base_model import predict_loader
+
+    network_opt = dict(copy.deepcopy(options['network']), pretrained=True, pretrained_model_path=checkpoint)
+    net = build_network(network_opt).to(device).eval()
+    test_opt = dict(copy.deepcopy(options['datasets']['val']), name='test', phase='test', cache_images=False)
+    dataset = FewShotNRDataset(test_opt)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=False)
+    result = predict_loader(net, loader, device)
+    return {'paths': np.array([path for path, _ in dataset.paths_mos]), 'mos': dataset.raw_mos,
+            'pred': result['pred'].astype(float)}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _interval(value: float, interval) -> str:
+    return f'{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]'
+
+
+def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
+    counts, data, results = summary['split'], summary['data'], summary['results']
+    direction = 'lower is better (DMOS); correlations use the negated labels' if data['lower_better'] else \
+        'higher is better'
+    table = ['| model | SRCC [95 % CI] | PLCC [95 % CI] | KRCC [95 % CI] |', '|---|---|---|---|']
+    for key, label in (('before', 'starting model, zero-shot'), ('after', 'adapted (model.pth)')):
+        row = results[key]
+        table.append(f'| {label} | ' + ' | '.join(_interval(row[m], row[f'{m}_ci']) for m in ('srcc', 'plcc', 'krcc'))
+                     + ' |')
+    gain = results['gain']
+    table.append('| gain (paired) | ' + ' | '.join(_interval(gain[m], gain[f'{m}_ci'])
+                                                for m in ('srcc', 'plcc', 'krcc')) + ' |')
+    settings = summary['settings']
+    best = summary['training'].get('best')
+    best_text = (f'iteration {best["iter"]} (carve-out SRCC {best["srcc"]:.4f}, PLCC {best["plcc"]:.4f})'
+                 if best else 'not logged')
+    text = [
+        '# GRMP-IQA adapted to your images', '',
+        '## Data', '',
+        f'- Labels: {data["description"]}; {data["num_images"]} labelled images; scores from {data["mos_min"]:g} to '
+        f'{data["mos_max"]:g}, {direction}.',
+        f'- Split (seed {settings["seed"]}, `split.csv` lists every image and its role):', '',
+        '| shots (training) | validation carve-out (checkpoint choice) | held-out test (this report) | unused |',
+        '|---|---|---|---|',
+        f'| {counts["shots"]} | {counts["val"]} | {counts["test"]} | {counts["unused"]} |', '',
+        '## Settings', '',
+        f'- Preset `{settings["preset"]}`: {PRESET_HELP[settings["preset"]]}.',
+        f'- Started from `{settings["start"]}`.',
+        f'- Device: {settings["device"]}; {summary["training"]["iterations"]} training iterations; checkpoint '
+        f'chosen on the carve-out at {best_text}.',
+        '- Full training options: `options.yml` (rerun or edit it: `pyiqa-grmp train -opt options.yml`).',
+        *([f'- Changed from the preset: {", ".join(settings["changed"])}.'] if settings['changed'] else []), '',
+        f'## Held-out results ({counts["test"]} images never used for training or for choosing the checkpoint)', '',
+        *table, '',
+        f'Intervals: percentile bootstrap over {summary["bootstrap"]["resamples"]} resamples of the held-out images '
+        f'(seed {summary["bootstrap"]["seed"]}); the gain row resamples both models together. PLCC is plain Pearson. '
+        'Per-image scores: `predictions.csv`.', '',
+        '![training curves](curves.png)', '', '![held-out predictions before and after](scatter.png)', '',
+        '## Use the model', '', '```python', lines['python'], '```', '', '```bash', lines['cli'], '```', '']
+    return '\n'.join(text)
+
+
+# ----------------------------------------------------------------------------------------------------- adapt
+def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] = None,
+          dataset: Optional[str] = None, data_root: str = './datasets', shots: str = 'all', test_ratio: float = 0.2,
+          num_val: Optional[int] = None, start: Optional[str] = None, preset: str = 'paper',
+          device: Optional[str] = None, seed: int = 0, lower_better: Optional[bool] = None,
+          override: Optional[str] = None, assignments: Sequence[str] = ()) -> dict:
+    """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir`` (see the
+    module docstring). Every check on the data and options runs before training; returns the summary."""
+    import torch
+    import yaml
+
+    from .pretrained import DEFAULT_VARIANT, resolve_weights
+    from .train import train
+
+    if preset not in PRESETS:
+        raise ValueError(f'--preset must be one of {sorted(PRESETS)}, got {preset!r}')
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(os.path.join(out_dir, 'model.pth')):
+        raise ValueError(f'{out_dir} already holds an adapted model.pth; choose another --out or remove it')
+    labels = load_labels(meta_info, root, dataset, data_root, lower_better)
+    plan = plan_split(labels, shots, test_ratio, num_val, seed)
+    used = np.concatenate([plan.indices[r] for r in ('shots', 'val', 'test')])
+    check_images([labels.paths[i] for i in sorted(used)])
+    if start is None:
+        start = resolve_weights(DEFAULT_VARIANT)  # the metric's default weights; offline: says where to put them
+    elif not os.path.isfile(start):
+        raise FileNotFoundError(f'--from checkpoint {start} not found')
+    options = build_options(labels, plan, preset, start, device, seed)
+    changed = []
+    if override is not None:
+        options = merge_options(options, read_override(override))
+        changed.append(f'`--override {override}`')
+    for assignment in assignments:
+        set_option(options, assignment)
+        changed.append(f'`--set {assignment}`')
+    resize = options['network'].get('resize', 244)
+    for phase in ('train', 'val'):  # images are stored at the network's resize, whatever it is
+        options['datasets'][phase]['resize'] = resize
+    run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+
+    counts = plan.counts()
+    print(f'data: {labels.description}: {len(labels.paths)} labelled images', flush=True)
+    print(f'split (seed {seed}): {counts["shots"]} shots, {counts["val"]} validation carve-out, {counts["test"]} '
+          f'held-out test, {counts["unused"]} unused', flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    roles = np.empty(len(labels.paths), dtype=object)
+    for role, rows in plan.indices.items():
+        roles[rows] = role
+    split_table = pd.DataFrame({'image': labels.paths, 'mos': labels.mos, 'role': roles})
+    write_atomically(os.path.join(out_dir, 'split.csv'), split_table.to_csv(index=False))
+    options_path = os.path.join(out_dir, 'options.yml')
+    write_atomically(options_path, yaml.safe_dump(options, sort_keys=False))
+    print(f'wrote {options_path}', flush=True)
+
+    print(f'scoring the {counts["test"]} held-out images with the starting model (zero-shot)', flush=True)
+    before = predict_test_split(options, start, run_device)
+    train(['-opt', options_path], root_path=out_dir)
+    experiment = os.path.join(out_dir, 'experiments', options['name'])
+    best_checkpoint = os.path.join(experiment, 'models', 'net_best.pth')
+    if not os.path.isfile(best_checkpoint):
+        raise FileNotFoundError(f'training wrote no {best_checkpoint}: no validation ran (see {experiment})')
+    model_path = os.path.join(out_dir, 'model.pth')
+    copy_atomically(best_checkpoint, model_path)
+    after = predict_test_split(options, model_path, run_device)
+    if not np.array_equal(before['paths'], after['paths']):
+        raise RuntimeError('the held-out images differ between the two evaluations')
+
+    signed_mos = -before['mos'] if labels.lower_better else before['mos']
+    predictions = pd.DataFrame({'image': before['paths'], 'mos': before['mos'], 'score_before': before['pred'],
+                                'score_after': after['pred']})
+    write_atomically(os.path.join(out_dir, 'predictions.csv'), predictions.to_csv(index=False))
+    resamples = bootstrap_indices(len(signed_mos), BOOTSTRAP_RESAMPLES, seed)
+    results = {}
+    for key, scores in (('before', before['pred']), ('after', after['pred'])):
+        values = correlation_values(scores, signed_mos)
+        intervals = bootstrap_intervals(scores, signed_mos, resamples)
+        results[key] = {**values, **{f'{m}_ci': list(intervals[m]) for m in values}}
+    gains = bootstrap_gain_intervals(before['pred'], after['pred'], signed_mos, resamples)
+    results['gain'] = {**{m: results['after'][m] - results['before'][m] for m in gains},
+                       **{f'{m}_ci': list(gains[m]) for m in gains}}
+
+    records = read_metrics(os.path.join(experiment, METRICS_FILE))
+    improved = [r for r in records if r['kind'] == 'val' and r.get('improved')]
+    lines = usage_lines(model_path, options['network'])
+    summary = {
+        'data': {'description': labels.description, 'meta_info': labels.meta_info, 'root': labels.root,
+                 'num_images': len(labels.paths), 'mos_min': float(labels.mos.min()),
+                 'mos_max': float(labels.mos.max()), 'lower_better': labels.lower_better},
+        'split': counts,
+        'settings': {'preset': preset, 'start': os.path.abspath(start), 'device': run_device, 'seed': seed,
+                     'changed': changed},
+        'training': {'iterations': max((r['iter'] for r in records if r['kind'] == 'train'), default=0),
+                     'best': {k: improved[-1].get(k) for k in ('iter', 'srcc', 'plcc')} if improved else None},
+        'results': results,
+        'bootstrap': {'resamples': BOOTSTRAP_RESAMPLES, 'seed': seed, 'confidence': 0.95},
+        'usage': {'python': lines['python'], 'cli': lines['cli']},
+    }
+    write_atomically(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2))
+    plot_curves(os.path.join(experiment, METRICS_FILE), os.path.join(out_dir, CURVES_FILE), title='adapt')
+    mos_label = 'MOS' + (' (lower is better)' if labels.lower_better else '')
+    scatter_before_after(before['mos'], before['pred'], after['pred'], os.path.join(out_dir, 'scatter.png'),
+                         mos_label=mos_label, titles=('starting model (zero-shot)', 'adapted'))
+    write_atomically(os.path.join(out_dir, 'report.md'), _report_markdown(summary, lines))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_adapt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``adapt`` command to a ``pyiqa-grmp`` sub-command set; its handler is :func:`run_adapt_command`."""
+    parser = subparsers.add_parser(
+        'adapt', help='fine-tune GRMP-IQA on your labelled images and write model.pth and a report',
+        description='Split labelled images into shots / validation carve-out / held-out test, fine-tune GRMP-IQA, '
+                    'choose the checkpoint on the carve-out and report held-out correlations against the starting '
+                    'model. Everything goes to --out.')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--meta-info', help='CSV: column 1 image path relative to --root, column 2 score (MOS)')
+    source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
+    parser.add_argument('--root', help='image folder of --meta-info')
+    parser.add_argument('--data-root', default='./datasets', help='folder of the pyiqa datasets (default ./datasets)')
+    parser.add_argument('--out', required=True, metavar='RUN_DIR', help='folder for the model, report and run')
+    parser.add_argument('--shots', default='all', help='labelled images to train on, or "all" (default): every '
+                                                       'image not held out or carved out')
+    parser.add_argument('--test-ratio', type=float, default=0.2, help='share of images held out for the report '
+                                                                       '(default 0.2)')
+    parser.add_argument('--num-val', type=int, help='images carved out of the pool to choose the checkpoint on '
+                                                    '(default: 10 %% of the images, at least 5)')
+    parser.add_argument('--from', dest='start', metavar='CHECKPOINT',
+                        help="starting GRMP-IQA checkpoint (ours or official); default: grmp_iqa's default weights")
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='paper',
+                        help='; '.join(f'{name}: {text}' for name, text in PRESET_HELP.items()))
+    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    parser.add_argument('--seed', type=int, default=0, help='split, training and bootstrap seed (default 0)')
+    parser.add_argument('--lower-better', action='store_const', const=True, default=None,
+                        help='the scores are DMOS (lower is better); default: the dataset info, else no')
+    parser.add_argument('--override', metavar='YAML',
+                        help='training options merged into the generated ones, e.g. a smaller backbone '
+                             '(configs/smoke/adapt_tiny.yml); read as plain data')
+    parser.add_argument('--set', dest='assignments', action='append', default=[], metavar='KEY:SUB=VALUE',
+                        help='one training option, value parsed as YAML, e.g. train:total_epoch=5 (repeatable)')
+    parser.set_defaults(handler=run_adapt_command)
+    return parser
+
+
+def run_adapt_command(args: argparse.Namespace) -> int:
+    """Run ``pyiqa-grmp adapt`` and print the held-out results and the lines that use the model."""
+    summary = adapt(args.out, meta_info=args.meta_info, root=args.root, dataset=args.dataset,
+                    data_root=args.data_root, shots=args.shots, test_ratio=args.test_ratio, num_val=args.num_val,
+                    start=args.start, preset=args.preset, device=args.device, seed=args.seed,
+                    lower_better=args.lower_better, override=args.override, assignments=args.assignments)
+    results = summary['results']
+    print(f'\nheld-out test, {summary["split"]["test"]} images (95 % bootstrap intervals):')
+    for key, label in (('before', 'starting model (zero-shot)'), ('after', 'adapted'), ('gain', 'gain')):
+        row = results[key]
+        print(f'  {label:<27} ' + '  '.join(f'{m.upper()} {_interval(row[m], row[m + "_ci"])}'
+                                           for m in ('srcc', 'plcc', 'krcc')))
+    out = os.path.abspath(args.out)
+    print(f'\nwrote {out}/model.pth, report.md, summary.json, predictions.csv, split.csv, curves.png, scatter.png')
+    print('\nuse the model from Python:')
+    print(summary['usage']['python'])
+    print('or from the command line:')
+    print(summary['usage']['cli'])
+    return 0

@@ -1,0 +1,215 @@
+"""`pyiqa-grmp adapt`: end to end on the synthetic dataset with a tiny backbone, and bad input refused early."""
+import contextlib
+import io
+import json
+import os
+import shlex
+
+import numpy as np
+import pandas as pd
+import pyiqa
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pyiqa.archs import build_network
+
+from conftest import make_tiny_model
+from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
+from pyiqa_grmp.adapt import BOOTSTRAP_RESAMPLES
+from pyiqa_grmp.cli import main
+from pyiqa_grmp.reporting import bootstrap_indices, bootstrap_intervals, correlation_values
+
+TINY_NETWORK = {'backbone': TINY_BACKBONE, 'num_visual_prompts': TINY_NUM_PROMPTS}
+
+
+def _run(argv):
+    """main(argv) with its standard output captured; returns (status, output)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = main(argv)
+    return status, buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def tiny_start(tmp_path_factory):
+    """A tiny random GRMP-IQA checkpoint and the --override file that describes its network."""
+    folder = tmp_path_factory.mktemp('start')
+    torch.save({'params': make_tiny_model(seed=3).state_dict()}, folder / 'start.pth')
+    (folder / 'tiny.yml').write_text(yaml.safe_dump({'network': TINY_NETWORK}))
+    return {'checkpoint': str(folder / 'start.pth'), 'override': str(folder / 'tiny.yml')}
+
+
+@pytest.fixture(scope='module')
+def adapted(synthetic_workdir, tiny_start, tmp_path_factory):
+    """`pyiqa-grmp adapt` on the synthetic dataset: 24 shots, 8 carved out, 20 % held out, 3 epochs."""
+    data = synthetic_workdir / 'datasets' / 'synthetic'
+    out = tmp_path_factory.mktemp('adapt') / 'run'
+    status, output = _run(['adapt', '--meta-info', str(data / 'meta_info_synthetic.csv'), '--root', str(data),
+                           '--out', str(out), '--from', tiny_start['checkpoint'], '--override', tiny_start['override'],
+                           '--preset', 'cpu', '--shots', '24', '--num-val', '8', '--device', 'cpu',
+                           '--set', 'train:total_epoch=3'])
+    assert status == 0
+    return {'out': out, 'output': output, 'summary': json.loads((out / 'summary.json').read_text()),
+            'start': tiny_start['checkpoint']}
+
+
+def test_adapt_writes_every_output(adapted):
+    names = {'model.pth', 'options.yml', 'report.md', 'summary.json', 'predictions.csv', 'split.csv', 'curves.png',
+             'scatter.png'}
+    assert names <= set(os.listdir(adapted['out']))
+    assert Image.open(adapted['out'] / 'curves.png').format == 'PNG'
+    assert Image.open(adapted['out'] / 'scatter.png').format == 'PNG'
+
+
+def test_adapt_prints_and_stores_the_split(adapted):
+    assert 'split (seed 0): 24 shots, 8 validation carve-out, 42 held-out test, 134 unused' in adapted['output']
+    roles = pd.read_csv(adapted['out'] / 'split.csv')['role'].value_counts().to_dict()
+    assert roles == {'shots': 24, 'val': 8, 'test': 42, 'unused': 134} == adapted['summary']['split']
+    assert '| 24 | 8 | 42 | 134 |' in (adapted['out'] / 'report.md').read_text()
+
+
+def test_options_yml_is_the_training_yaml_that_ran(adapted):
+    options = yaml.safe_load((adapted['out'] / 'options.yml').read_text())
+    assert options['datasets']['train']['num_shots'] == 24 and options['datasets']['val']['num_val'] == 8
+    assert options['train']['total_epoch'] == 3 and options['network']['backbone'] == TINY_BACKBONE
+    assert options['network']['pretrained_model_path'] == adapted['start']
+    held_out = pd.read_csv(adapted['out'] / 'predictions.csv')['image']
+    shots = pd.read_csv(adapted['out'] / 'split.csv').query('role != "test"')['image']
+    assert len(held_out) == 42 and not set(held_out) & set(shots)
+
+
+def test_report_numbers_are_recomputed_from_the_saved_predictions(adapted):
+    predictions = pd.read_csv(adapted['out'] / 'predictions.csv')
+    results = adapted['summary']['results']
+    report = (adapted['out'] / 'report.md').read_text()
+    resamples = bootstrap_indices(len(predictions), BOOTSTRAP_RESAMPLES, seed=0)
+    for key, column in (('before', 'score_before'), ('after', 'score_after')):
+        values = correlation_values(predictions[column], predictions['mos'])
+        intervals = bootstrap_intervals(predictions[column], predictions['mos'], resamples)
+        for metric in ('srcc', 'plcc', 'krcc'):
+            assert results[key][metric] == pytest.approx(values[metric], abs=1e-6)
+            assert results[key][f'{metric}_ci'] == pytest.approx(list(intervals[metric]), abs=1e-6)
+            low, high = intervals[metric]
+            assert f'{values[metric]:.4f} [{low:.4f}, {high:.4f}]' in report
+
+
+def test_report_compares_against_the_starting_model_on_the_same_images(adapted):
+    predictions = pd.read_csv(adapted['out'] / 'predictions.csv')
+    start = build_network({'type': 'GRMPIQA', **TINY_NETWORK, 'pretrained_model_path': adapted['start']}).eval()
+    first = np.asarray(Image.open(predictions['image'][0]).convert('RGB').resize((244, 244), Image.BICUBIC))
+    with torch.no_grad():
+        score = start(torch.from_numpy(first).permute(2, 0, 1)[None].float() / 255).item()
+    assert score == pytest.approx(predictions['score_before'][0], abs=1e-3)  # uint8 storage vs. float resize
+    assert not np.allclose(predictions['score_before'], predictions['score_after'])
+
+
+def test_printed_python_line_loads_the_adapted_model(adapted):
+    line = next(l for l in adapted['output'].splitlines() if l.startswith('metric = pyiqa.create_metric('))
+    namespace = {'pyiqa': pyiqa}
+    exec(line, namespace)  # the line the user copies
+    reference = build_network({'type': 'GRMPIQA', **TINY_NETWORK,
+                               'pretrained_model_path': str(adapted['out'] / 'model.pth')}).eval()
+    images = torch.rand(2, 3, 244, 244)
+    with torch.no_grad():
+        assert torch.equal(namespace['metric'](images), reference(images))
+    saved = torch.load(adapted['out'] / 'model.pth', weights_only=True)['params']
+    start = torch.load(adapted['start'], weights_only=True)['params']
+    assert any(not torch.equal(saved[k], start[k]) for k in start)  # fine-tuned, not the start copied
+
+
+def test_printed_cli_line_scores_images(adapted, tmp_path):
+    for name in ('a.png', 'b.png'):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    line = next(l for l in adapted['output'].splitlines() if l.startswith('pyiqa-grmp score grmp_iqa'))
+    argv = shlex.split(line.replace('YOUR_IMAGES/', str(tmp_path)))[1:]
+    status, output = _run(argv + ['--device', 'cpu'])
+    assert status == 0 and 'grmp_iqa' in output
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def labelled(tmp_path):
+    """Write `count` small images and a meta CSV; returns a function taking the rows to write."""
+    def write(count=60, mos=None, second_column=None):
+        rng = np.random.default_rng(0)
+        names = [f'img_{i:03d}.png' for i in range(count)]
+        for name in names:
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+        scores = list(np.linspace(1, 5, count)) if mos is None else mos
+        pd.DataFrame({'image_name': names, 'mos' if second_column is None else 'comment':
+                      scores if second_column is None else second_column}).to_csv(tmp_path / 'labels.csv',
+                                                                                  index=False)
+        return names
+    return write
+
+
+def _adapt_bad(tmp_path, tiny_start, capsys, *extra):
+    status = main(['adapt', '--meta-info', str(tmp_path / 'labels.csv'), '--root', str(tmp_path),
+                   '--out', str(tmp_path / 'run'), '--from', tiny_start['checkpoint'],
+                   '--override', tiny_start['override'], '--device', 'cpu', *extra])
+    assert status == 2
+    assert not (tmp_path / 'run' / 'experiments').exists()  # refused before training
+    return capsys.readouterr().err
+
+
+def test_too_few_images_for_shots_carve_out_and_test_are_refused(labelled, tmp_path, tiny_start, capsys):
+    labelled(count=30)
+    error = _adapt_bad(tmp_path, tiny_start, capsys, '--shots', '20')
+    assert '30 labelled images are too few: 20 shots + 5 validation carve-out + at least 10 held-out' in error
+
+
+def test_constant_mos_is_refused(labelled, tmp_path, tiny_start, capsys):
+    labelled(count=60, mos=[3.0] * 60)
+    assert "every score in column 'mos' is 3" in _adapt_bad(tmp_path, tiny_start, capsys)
+
+
+def test_missing_image_files_are_named(labelled, tmp_path, tiny_start, capsys):
+    names = labelled(count=60)
+    for name in names[:2]:
+        os.remove(tmp_path / name)
+    error = _adapt_bad(tmp_path, tiny_start, capsys, '--shots', 'all')
+    assert '2 image file(s) missing' in error
+    assert all(str(tmp_path / name) in error for name in names[:2])
+
+
+def test_unreadable_image_file_is_named(labelled, tmp_path, tiny_start, capsys):
+    names = labelled(count=60)
+    (tmp_path / names[7]).write_bytes(b'not a png at all')
+    error = _adapt_bad(tmp_path, tiny_start, capsys)
+    assert '1 image file(s) unreadable' in error and str(tmp_path / names[7]) in error
+
+
+def test_csv_without_a_numeric_score_column_is_refused(labelled, tmp_path, tiny_start, capsys):
+    labelled(count=60, second_column=['nice'] * 60)
+    assert "has no numeric score column: column 2 ('comment')" in _adapt_bad(tmp_path, tiny_start, capsys)
+
+
+def test_default_start_offline_says_where_to_put_the_weights(labelled, tmp_path, tiny_start, capsys, monkeypatch):
+    from pyiqa.utils import download_util
+
+    monkeypatch.setattr(download_util, 'DEFAULT_CACHE_DIR', str(tmp_path / 'empty_cache'))
+    labelled(count=60)
+    status = main(['adapt', '--meta-info', str(tmp_path / 'labels.csv'), '--root', str(tmp_path),
+                   '--out', str(tmp_path / 'run'), '--device', 'cpu'])
+    error = capsys.readouterr().err
+    assert status == 2 and 'clive_50_prompt_lda_5.0.pt' in error and str(tmp_path / 'empty_cache') in error
+
+
+def test_paper_preset_has_the_paper_configs_training_settings():
+    from pathlib import Path
+
+    from pyiqa_grmp.adapt import PRESETS
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / 'configs' / 'finetune_livec_50shot.yml')
+                            .read_text())
+    preset = PRESETS['paper']
+    assert config['train'] == preset['train']
+    assert config['val']['val_freq'] == preset['val_freq'] and config['datasets']['train']['batch_size_per_gpu'] == 50
+
+
+@pytest.mark.parametrize('shots, batch', [(8, 8), (50, 50), (59, 29), (101, 33)])
+def test_batch_is_all_shots_up_to_the_preset_limit_then_equal_parts(shots, batch):
+    from pyiqa_grmp.adapt import batch_size
+
+    assert batch_size(shots, 50) == batch
