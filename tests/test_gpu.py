@@ -104,8 +104,8 @@ def test_meta_training_round_on_cuda(synthetic_workdir):
     for index in range(len(dataset)):  # every task once: one round, ending in the outer step
         task = dataset[index]
         model.feed_data({'images': task['images'][None], 'mos': task['mos'][None], 'task': [task['task']],
-                         'source': torch.tensor([task['source']]),
-                         'num_source_tasks': torch.tensor([task['num_source_tasks']])})
+                         'source': torch.tensor([task['source']]), 'idle': torch.tensor([False]),
+                         'num_source_tasks': torch.tensor([task['num_source_tasks']]), 'item_seed': torch.tensor([index])})
         model.optimize_parameters(index + 1)
     assert all(t.is_cuda and torch.isfinite(t).all() for t in model.theta)
     assert any(not torch.equal(after, before) for after, before in zip(model.theta, theta_before))
@@ -165,18 +165,34 @@ def _train_on_cuda(workdir, name, *extra, launch=('-m', 'pyiqa_grmp')):
 
     command = [sys.executable, *launch, 'train', '-opt', str(CONFIGS / 'finetune_synthetic.yml'), *extra,
                '--force_yml', 'num_gpu=1', 'train:total_epoch=4', 'datasets:train:batch_size_per_gpu=32',
-               'val:val_freq=2', 'logger:save_checkpoint_freq=1', f'name={name}']
+               'train:optim:type=SGD', 'train:optim:lr=0.05', 'val:val_freq=2', 'logger:save_checkpoint_freq=1',
+               f'name={name}']
     return subprocess.Popen(command, cwd=workdir, env=dict(os.environ, PYTHONUNBUFFERED='1'), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _finished(process):
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _latest_weights(workdir, name):
+    return torch.load(workdir / 'experiments' / name / 'models' / 'net_latest.pth', weights_only=True)['params']
+
+
+def _max_difference(a, b):
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
 def test_training_on_cuda_stopped_by_sigterm_resumes_to_the_uninterrupted_run(synthetic_workdir):
+    """Two uninterrupted runs measure the GPU's own run-to-run noise (kernel choices); the resumed run must stay
+    within it (SGD, so that noise is not amplified as Adam's normalised steps would)."""
     import signal
     import time
 
-    reference = _train_on_cuda(synthetic_workdir, 'cuda_reference')
-    output, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, output[-3000:]
+    _finished(_train_on_cuda(synthetic_workdir, 'cuda_reference'))
+    _finished(_train_on_cuda(synthetic_workdir, 'cuda_reference_again'))
     experiment = synthetic_workdir / 'experiments' / 'cuda_sigterm'
     stopped = _train_on_cuda(synthetic_workdir, 'cuda_sigterm')
     deadline = time.monotonic() + 300
@@ -186,20 +202,16 @@ def test_training_on_cuda_stopped_by_sigterm_resumes_to_the_uninterrupted_run(sy
     stopped.send_signal(signal.SIGTERM)
     output, _ = stopped.communicate(timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, output[-3000:]
-    resumed = _train_on_cuda(synthetic_workdir, 'cuda_sigterm', '--auto_resume')
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0 and 'resuming from' in output, output[-3000:]
-    expected = torch.load(synthetic_workdir / 'experiments' / 'cuda_reference' / 'models' / 'net_latest.pth',
-                          weights_only=True)['params']
-    got = torch.load(experiment / 'models' / 'net_latest.pth', weights_only=True)['params']
-    difference = max(float((expected[k] - got[k]).abs().max()) for k in expected)
-    print(f'result: CUDA resume after SIGTERM, max weight difference to the uninterrupted run {difference:.2e}')
-    assert difference < 1e-4  # cuDNN/cuBLAS may pick other kernels in a new process: not always bit for bit
+    assert 'resuming from' in _finished(_train_on_cuda(synthetic_workdir, 'cuda_sigterm', '--auto_resume'))
+    reference = _latest_weights(synthetic_workdir, 'cuda_reference')
+    noise = _max_difference(reference, _latest_weights(synthetic_workdir, 'cuda_reference_again'))
+    difference = _max_difference(reference, _latest_weights(synthetic_workdir, 'cuda_sigterm'))
+    print(f'result: CUDA resume after SIGTERM: max weight difference to the uninterrupted run {difference:.2e} '
+          f'(two uninterrupted runs: {noise:.2e})')
+    assert difference <= max(1e-6, 10 * noise)
 
 
-def test_torchrun_launch_trains_on_cuda_with_nccl_backend_chosen(synthetic_workdir):
+def test_torchrun_launch_trains_on_cuda(synthetic_workdir):
     launch = ('-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port', '29517', '-m', 'pyiqa_grmp')
-    process = _train_on_cuda(synthetic_workdir, 'cuda_torchrun', '--launcher', 'pytorch', launch=launch)
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
+    _finished(_train_on_cuda(synthetic_workdir, 'cuda_torchrun', '--launcher', 'pytorch', launch=launch))
     assert (synthetic_workdir / 'experiments' / 'cuda_torchrun' / 'models' / 'net_latest.pth').is_file()
