@@ -65,7 +65,8 @@ def join_launch(opt: dict, launcher: str) -> Tuple[int, int]:
     ``dist_params.backend`` overrides. Each rank trains on ``cuda:LOCAL_RANK``. A launcher without its
     environment, more ranks than GPUs on a machine, or NCCL on the CPU fail here, before anything else.
     """
-    wants_cuda = opt.get('num_gpu', 0) not in (0, None)
+    num_gpu = opt.get('num_gpu', 0)
+    wants_cuda = torch.cuda.is_available() if num_gpu == 'auto' else num_gpu not in (0, None)
     if wants_cuda and not torch.cuda.is_available():
         raise ConfigError(f'num_gpu is {opt.get("num_gpu")!r} but CUDA is not available; set num_gpu: 0 for the CPU')
     if LAUNCHERS[launcher] is None:
