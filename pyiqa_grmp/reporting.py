@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .checkpointing import atomic_write
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -25,22 +26,9 @@ KENDALL_PAIRWISE_MAX = 64
 
 # ------------------------------------------------------------------------------------------- atomic files
 def write_atomically(path: str, data: Union[bytes, str]) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the complete new one, never a part:
-    a temporary file in the same folder, flushed, fsynced, then renamed over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write ``data`` (text as UTF-8) so that a reader sees the old file or the complete new one, never a part."""
     payload = data.encode('utf-8') if isinstance(data, str) else data
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(handle, 'wb') as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 def copy_atomically(source: str, target: str) -> None:

@@ -20,6 +20,7 @@ inputs (bicubic overshoot may leave [0, 1]; the decoded image itself is always i
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -32,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from . import distributed
+from .checkpointing import atomic_write
 from .data.image_io import ImageReadError, list_images, read_image
 
 #: Pixels (per channel) of native-resolution images held before a chunk is scored, whatever the batch size.
@@ -419,21 +421,12 @@ def write_csv(report: ScoreReport, path: str) -> None:
 
 
 def _write_atomically(path: str, header: List[str], rows: Sequence[List[str]]) -> None:
-    """Temp file in the same folder, flushed and synced, then renamed over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        with open(temporary, 'w', newline='', encoding='utf-8') as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    """The CSV written whole, atomically (see :func:`pyiqa_grmp.checkpointing.atomic_write`)."""
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, lambda handle: handle.write(text.getvalue().encode('utf-8')))
 
 
 def part_file(csv_path: str, rank: int) -> str:
