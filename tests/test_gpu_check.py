@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / 'benchmarks' / 'gpu_check.sh'
 STEPS = ['environment', 'pytest -m gpu', 'inference fp32', 'inference bf16', 'inference fp16',
-         'score difference vs fp32', 'fine-tuning step ratio', 'meta-training peak memory', 'score end to end']
+         'score difference vs fp32', 'fine-tuning step ratio', 'meta-training peak memory', 'score end to end',
+         'score throughput (mixed-size JPEGs)', 'distributed benchmark, 1 rank']
 
 
 def _run(*args, cwd=ROOT):
@@ -24,7 +25,8 @@ def fake_root(tmp_path):
     for folder in ('pyiqa_grmp', 'tests', 'benchmarks', 'wheels'):
         (root / folder).mkdir(parents=True)
     (root / 'pyiqa_grmp' / '__init__.py').write_text('')
-    for script in ('inference.py', 'precision.py', 'finetune_step.py', 'meta_pretrain.py', 'score_folder.py'):
+    for script in ('inference.py', 'precision.py', 'finetune_step.py', 'meta_pretrain.py', 'score_folder.py',
+                   'score_throughput.py', 'distributed.py'):
         shutil.copy(ROOT / 'benchmarks' / script, root / 'benchmarks' / script)
     lines = ['# a comment']
     for name in ('a-1.0-py3-none-any.whl', 'b-2.0-py3-none-any.whl'):
