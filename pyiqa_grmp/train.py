@@ -304,7 +304,7 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
     batch = train_loader.batch_size
     log_opt, val_opt = opt['logger'], opt.get('val')
     data_timer, iter_timer = AvgTimer(), AvgTimer()
-    finished = False
+    finished, validated_at = False, None
 
     def save_state(epoch: int) -> str:
         generators = all_gather_objects(capture_rng()) if opt['dist'] else [capture_rng()]  # one per rank
@@ -337,6 +337,7 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
                 if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
                     for val_loader in val_loaders:
                         model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+                    validated_at = current_iter
                 finished, stopping = model.training_finished(), stop['signal']
                 if opt['dist'] and any_rank(bool(stopping), model.device) and not stopping:
                     stopping = signal.SIGTERM  # another rank was asked to stop: all stop at this iteration
@@ -364,7 +365,7 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
         _check_ranks_agree(model)
     logger.info('end of training; saving net_latest.pth')
     model.save_network(model.net, 'net', -1)
-    if val_opt is not None:
+    if val_opt is not None and validated_at != current_iter:  # the weights changed since the last validation
         for val_loader in val_loaders:
             model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
     if tb_logger:
