@@ -106,14 +106,9 @@ def read_image_list(path: str) -> List[str]:
 
 def collect_targets(target: str) -> List[str]:
     """The images of ``-t``: a folder (recursive, sorted), a ``.txt`` list (in its order) or one image file."""
-    if os.path.isdir(target):
-        found = list_images(target)
-        if not found:
-            raise FileNotFoundError(f'no image files found in target folder {target}')
-        return found
-    if os.path.isfile(target):
-        return read_image_list(target) if target.lower().endswith(IMAGE_LIST_EXTENSIONS) else [target]
-    raise FileNotFoundError(f'target {target} does not exist')
+    if os.path.isfile(target) and target.lower().endswith(IMAGE_LIST_EXTENSIONS):
+        return read_image_list(target)
+    return _collect(target, 'target')
 
 
 def _collect(path: str, what: str) -> List[str]:
