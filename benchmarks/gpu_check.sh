@@ -61,12 +61,12 @@ if [ "$dry_run" = 1 ]; then
     budget=${GPU_CHECK_BUDGET_S:-240}
     vision='{image_size: 224, layers: 2, width: 64, head_width: 32, patch_size: 16}'
     backbone="{embed_dim: 32, vision_cfg: $vision, text_cfg: {context_length: 77, width: 32, heads: 2, layers: 2}}"
-    precisions="fp32 bf16" tp_images=8 tp_workers="0 2" tp_pyiqa=4
+    precisions="fp32 bf16" tp_images=8 tp_workers="0 2" tp_pyiqa=4 tp_baseline=8
 else
     mode="GPU (CUDA, ViT-B/16 random weights)" device=cuda batch=64 runs=10 warmup=2 threads=8 ft_batch=16 task=20
     images=512 size=384 budget=${GPU_CHECK_BUDGET_S:-540}
     backbone=ViT-B-16-quickgelu
-    precisions="fp32 bf16 fp16" tp_images=200 tp_workers="0 16" tp_pyiqa=50
+    precisions="fp32 bf16 fp16" tp_images=1000 tp_workers="0 16" tp_pyiqa=50 tp_baseline=300
 fi
 bench=(--device "$device" --backbone "$backbone" --threads "$threads")
 
@@ -158,11 +158,13 @@ step "meta-training peak memory" 90 "$PYTHON" benchmarks/meta_pretrain.py "${ben
     --support-batch "$ft_batch" --runs "$runs" --warmup "$warmup"
 step "score end to end" 120 "$PYTHON" benchmarks/score_folder.py "${bench[@]}" --images "$images" --size "$size" \
     --batch "$batch"
-baseline=()  # today's score for the ratio: git shows it in a clone; a copy without .git carries the file
-if [ -f .gpucheck/scoring_607a155.py ]; then baseline=(--baseline-file .gpucheck/scoring_607a155.py); fi
-step "score throughput (mixed-size JPEGs)" 150 "$PYTHON" benchmarks/score_throughput.py "${bench[@]}" \
+# today's score for the ratio: git shows it in a clone; a copy without .git carries .gpucheck/607a155/ holding
+# scoring.py and image_io.py of that commit (git show 607a155:pyiqa_grmp/scoring.py, .../data/image_io.py)
+baseline=()
+if [ -d .gpucheck/607a155 ]; then baseline=(--baseline-dir .gpucheck/607a155); fi
+step "score throughput (mixed-size JPEGs)" 200 "$PYTHON" benchmarks/score_throughput.py "${bench[@]}" \
     --images "$tp_images" --workers $tp_workers --batch "$batch" --runs 1 --warmup 1 --pyiqa-images "$tp_pyiqa" \
-    --folder "${TMPDIR:-/tmp}/gpu_check_throughput" "${baseline[@]}"
+    --baseline-images "$tp_baseline" --folder "${TMPDIR:-/tmp}/gpu_check_throughput" "${baseline[@]}"
 step "distributed benchmark, 1 rank" 90 "$PYTHON" benchmarks/distributed.py "${bench[@]}" --ranks 1 --runs 3 \
     --batch "$ft_batch"
 

@@ -5,13 +5,14 @@ order that mixes the sizes as a real photo folder does) and a GRMP-IQA with ViT-
 measures:
 
 - model alone: the metric's network on ready, normalised 224x224 batches (an upper bound);
-- decode + resize alone: the scoring DataLoader (JPEG decode and the declared 244x244 resize) with no model,
-  for each ``--workers`` value (the bound the decoding sets);
+- decode + resize alone: ``scoring.prepared_items`` as ``score`` runs it (JPEG decode in the workers, the declared
+  244x244 resize in the workers on a CPU, on the GPU otherwise) with no model, for each ``--workers`` value (the
+  bound the decoding sets);
 - score end to end: ``scoring.score_images`` as the command runs it (listing, workers, batches, model, streamed
   CSV and its final rewrite), for each ``--workers`` value; the metric is created once beforehand, for all;
 - today's score: ``score_paths`` + ``write_csv`` of ``pyiqa_grmp/scoring.py`` as committed before this pipeline
-  (``git show BASELINE:pyiqa_grmp/scoring.py``, or ``--baseline-file``), run on the same metric: decoding in
-  the main process and batches of equal-size images only;
+  with the image reading of that commit (``git show``, or ``--baseline-dir``), run on the same metric: decoding
+  in the main process and batches of equal-size images only;
 - pyiqa's own loop: ``metric(path)`` per image, the way pyiqa's inference script scores a folder.
 
     python benchmarks/score_throughput.py [--images 200] [--workers 0 2] [--batch 8] [--threads 2] [--device cpu]
@@ -20,6 +21,7 @@ measures:
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -42,41 +44,58 @@ PYIQA_LOOP = "pyiqa's own loop (metric(path))"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_folder(folder: str, count: int) -> list:
-    """``count`` JPEGs cycling through the sizes and both orientations (reused when already there)."""
+def _make_photo(job: tuple) -> None:
+    path, number, width, height = job
     from skimage import data
 
+    photos = [data.astronaut, data.coffee, data.chelsea, data.rocket, data.hubble_deep_field]
+    image = Image.fromarray(photos[number % len(photos)]()).resize((width, height), Image.BICUBIC)
+    noise = np.random.default_rng(number).normal(0, 3, (height, width, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_folder(folder: str, count: int) -> list:
+    """``count`` JPEGs cycling through the sizes and both orientations (reused when already there; made in
+    parallel)."""
     os.makedirs(folder, exist_ok=True)
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field()]
     shapes = SIZES + [(h, w) for w, h in SIZES]
-    paths = []
+    jobs = []
     for number in range(count):
         width, height = shapes[number % len(shapes)]
-        path = os.path.join(folder, f'photo{number:04d}_{width}x{height}.jpg')
-        if not os.path.exists(path):
-            image = Image.fromarray(photos[number % len(photos)]).resize((width, height), Image.BICUBIC)
-            noise = np.random.default_rng(number).normal(0, 3, (height, width, 3))
-            pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return sorted(paths)
+        jobs.append((os.path.join(folder, f'photo{number:04d}_{width}x{height}.jpg'), number, width, height))
+    missing = [job for job in jobs if not os.path.exists(job[0])]
+    if missing:
+        with multiprocessing.get_context('spawn').Pool(min(len(missing), os.cpu_count() or 1)) as pool:
+            pool.map(_make_photo, missing)
+    return sorted(job[0] for job in jobs)
 
 
-def load_baseline(baseline_file: str):
-    """The committed scoring module before this pipeline, as module ``pyiqa_grmp.scoring_before``."""
-    if baseline_file:
-        source = open(baseline_file).read()
-        origin = baseline_file
+def _baseline_module(name: str, relative: str, baseline_dir: str):
+    """The module at ``relative`` as committed at BASELINE_COMMIT (or its copy in ``baseline_dir``), as ``name``."""
+    if baseline_dir:
+        origin = os.path.join(baseline_dir, os.path.basename(relative))
+        with open(origin) as handle:
+            source = handle.read()
     else:
-        source = subprocess.run(['git', 'show', f'{BASELINE_COMMIT}:pyiqa_grmp/scoring.py'], cwd=REPO_ROOT,
+        source = subprocess.run(['git', 'show', f'{BASELINE_COMMIT}:{relative}'], cwd=REPO_ROOT,
                                 capture_output=True, text=True, check=True).stdout
-        origin = f'git {BASELINE_COMMIT}'
-    spec = importlib.util.spec_from_loader('pyiqa_grmp.scoring_before', loader=None, origin=origin)
+        origin = f'git {BASELINE_COMMIT}:{relative}'
+    spec = importlib.util.spec_from_loader(name, loader=None, origin=origin)
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = 'pyiqa_grmp'
-    sys.modules[spec.name] = module
+    module.__package__ = name.rpartition('.')[0]
+    sys.modules[name] = module
     exec(compile(source, origin, 'exec'), module.__dict__)
     return module
+
+
+def load_baseline(baseline_dir: str):
+    """The scoring module committed before this pipeline, reading images as that commit did."""
+    image_io = _baseline_module('pyiqa_grmp.data.image_io_before', 'pyiqa_grmp/data/image_io.py', baseline_dir)
+    scoring_before = _baseline_module('pyiqa_grmp.scoring_before', 'pyiqa_grmp/scoring.py', baseline_dir)
+    scoring_before.read_image = image_io.read_image
+    scoring_before.ImageReadError = image_io.ImageReadError
+    return scoring_before
 
 
 def timed(fn, device: torch.device) -> float:
@@ -98,8 +117,10 @@ def main() -> None:
     parser.add_argument('--model-batches', type=int, default=4, help='batches timed for the model alone')
     parser.add_argument('--pyiqa-images', type=int, default=None,
                         help="images for pyiqa's own loop (default all; it is slow on a CPU)")
-    parser.add_argument('--baseline-file', help=f'scoring.py before the pipeline, if git cannot show '
-                                                f'{BASELINE_COMMIT}:pyiqa_grmp/scoring.py')
+    parser.add_argument('--baseline-images', type=int, default=None,
+                        help="images for today's score (default all; it decodes in one process)")
+    parser.add_argument('--baseline-dir', help=f'a folder holding scoring.py and image_io.py of {BASELINE_COMMIT}, '
+                                               'where git cannot show them (a copy of the repository without .git)')
     args = parser.parse_args()
     device = prepare(args)
     import pyiqa
@@ -109,7 +130,7 @@ def main() -> None:
                                  backbone=args.backbone)
     net = metric.net
     resize = scoring.declared_resize(metric)
-    before = load_baseline(args.baseline_file)
+    before = load_baseline(args.baseline_dir)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else os.uname().machine
     print(f'device={device} ({where}) backbone={args.backbone} random weights; threads={args.threads} '
           f'batch={args.batch} images={len(paths)} ({len(SIZES) * 2} sizes 640x480..3000x2000) cpus={os.cpu_count()} '
@@ -128,9 +149,11 @@ def main() -> None:
                             device) for _ in range(args.runs))
     report(MODEL_ALONE, args.batch * args.model_batches, seconds)
 
+    finish_on = scoring.shared_gpu({'grmp_iqa': metric})
     for workers in args.workers:
-        dataset = scoring.DecodedImages(paths, resizes=[resize], keep_native=False)
-        seconds = min(timed(lambda: [None for _ in scoring.decoding_loader(dataset, workers)], device)
+        seconds = min(timed(lambda: [None for _ in scoring.prepared_items(paths, [resize], False, workers,
+                                                                          finish_on=finish_on,
+                                                                          in_flight=args.batch)], device)
                       for _ in range(args.runs))
         report(f'decode + resize alone, workers={workers}', len(paths), seconds)
 
@@ -142,13 +165,15 @@ def main() -> None:
                 for _ in range(args.runs))
             report(f'score end to end, workers={workers}', len(paths), seconds)
 
+        baseline_paths = paths[:args.baseline_images] if args.baseline_images else paths
+
         def today() -> None:
-            old_report = before.ScoreReport(images=paths, refs={}, metrics=['grmp_iqa'])
-            before.score_paths(paths, {'grmp_iqa': metric}, old_report, args.batch, progress=False)
+            old_report = before.ScoreReport(images=baseline_paths, refs={}, metrics=['grmp_iqa'])
+            before.score_paths(baseline_paths, {'grmp_iqa': metric}, old_report, args.batch, progress=False)
             before.write_csv(old_report, os.path.join(out, 'today.csv'))
 
         seconds = min(timed(today, device) for _ in range(args.runs))
-        report(TODAY, len(paths), seconds)
+        report(TODAY, len(baseline_paths), seconds)
 
     subset = paths[:args.pyiqa_images] if args.pyiqa_images else paths
     with torch.no_grad():

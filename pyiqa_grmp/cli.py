@@ -14,7 +14,7 @@ from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
 from .demo import add_demo_parser
 from .precision import add_precision_argument, add_precision_option
-from .scoring import ScoreReport, default_workers, parse_metric_options, score_images
+from .scoring import ScoreReport, add_workers_argument, parse_metric_options, score_images
 
 
 def _print_report(report: ScoreReport, verbose: bool) -> None:
@@ -106,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument('--batch-size', type=int, default=8,
                        help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
                             'grmp_iqa; equal sizes for the others)')
-    score.add_argument('--workers', type=int, default=default_workers(),
-                       help='processes decoding (and resizing) images while the metrics run; 0 decodes in the main '
-                            'process (default: the CPUs of this process, shared by the ranks of a machine, at most 16)')
+    add_workers_argument(score)
     score.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
                        help='option for one metric, value parsed as YAML, e.g. '
                             'grmp_iqa:pretrained_model_path=experiments/x/models/net_best.pth (repeatable)')

@@ -29,7 +29,8 @@ import torch
 
 from .data.fewshot_dataset import few_shot_split
 from .precision import add_precision_argument, add_precision_option
-from .scoring import ScoreReport, create_metrics, parse_metric_options, score_paths
+from .scoring import (ScoreReport, add_workers_argument, create_metrics, metric_device, parse_metric_options,
+                      score_paths)
 
 
 RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
@@ -227,19 +228,32 @@ def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False
 
 # --------------------------------------------------------------------------------------------------- scoring
 class _TimedMetric:
-    """A pyiqa metric that adds the wall time of its calls (GPU work included) to ``seconds``."""
+    """A pyiqa metric that adds the wall time of its calls (GPU work included) to ``seconds``.
+
+    It shows scoring what the metric is (mode, device, ``net`` with its declared resize, the input range check),
+    so that images reach it as they reach the metric itself in ``score``.
+    """
 
     def __init__(self, metric) -> None:
         self.metric = metric
         self.metric_mode = metric.metric_mode
-        self.on_cuda = torch.device(metric.device).type == 'cuda'
+        self.net = metric.net
+        self.device = metric_device(metric)
         self.seconds = 0.0
+
+    @property
+    def check_input_range(self) -> bool:
+        return self.metric.check_input_range
+
+    @check_input_range.setter
+    def check_input_range(self, value: bool) -> None:
+        self.metric.check_input_range = value
 
     def __call__(self, *inputs: torch.Tensor):
         start = time.perf_counter()
         try:
             output = self.metric(*inputs)
-            if self.on_cuda:
+            if self.device.type == 'cuda':
                 torch.cuda.synchronize()
             return output
         finally:
@@ -265,11 +279,12 @@ def _create_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, obj
 
 
 def _score_all(data: LabelledImages, metrics: Dict[str, _TimedMetric], batch_size: int, progress: bool,
-               report: ScoreReport) -> None:
-    """Decode each image once and score it with every metric, in batches of equal-size images."""
+               report: ScoreReport, workers: int) -> None:
+    """Decode each image once (in ``workers`` processes) and score it with every metric, in batches (see
+    :func:`pyiqa_grmp.scoring.score_stream`)."""
     needs_references = any(m.metric_mode == 'FR' for m in metrics.values())
     reference_of = (lambda index, path: data.references[index]) if needs_references else None
-    score_paths(data.images, metrics, report, batch_size, progress, reference_of, desc='comparing')
+    score_paths(data.images, metrics, report, batch_size, progress, reference_of, desc='comparing', workers=workers)
 
 
 def _failure_text(failures: List[Tuple[str, str]], total: int) -> str:
@@ -414,7 +429,8 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
             split_seed: Optional[int] = None, num_shots: Optional[int] = None, train_ratio: float = 0.8,
             mos_lower_better: Optional[bool] = None,
             metric_options: Optional[Mapping[str, Mapping[str, object]]] = None, device: Optional[str] = None,
-            batch_size: int = 8, out_dir: Optional[str] = None, progress: bool = True) -> pd.DataFrame:
+            batch_size: int = 8, out_dir: Optional[str] = None, progress: bool = True,
+            workers: int = 0) -> pd.DataFrame:
     """Score the same labelled images with every metric and return one row of correlations per metric.
 
     Data: ``dataset=`` a pyiqa dataset name (its paths re-rooted from ``./datasets`` to ``data_root``) or
@@ -427,7 +443,9 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
     names the row and keys ``metric_options`` (keyword arguments of ``pyiqa.create_metric``). Failures are
     reported in the ``error``, ``scored`` and ``failed`` columns, never raised; bad arguments raise ValueError.
     ``seconds_per_image`` is the time spent in the metric's calls (retries of failed batches included) per
-    scored image.
+    scored image; decoding, in ``workers`` processes (0: this one), is not counted, nor is the fixed resize a
+    metric declares (GRMP-IQA's squash resize), which runs with the decoding so that images of any size are
+    batched together.
     With ``out_dir``: results.csv, results.md, per_image.csv (raw scores) and scatter.png are written there.
     """
     names = list(metrics)
@@ -452,7 +470,7 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
     report = ScoreReport(images=data.images, refs={}, metrics=names)
     created = _create_metrics(names, metric_options, device, data.references is not None, report)
     if created:
-        _score_all(data, created, batch_size, progress, report)
+        _score_all(data, created, batch_size, progress, report, workers)
     outcomes = _outcomes(data, names, created, report)
     table = pd.DataFrame([o.row for o in outcomes], columns=RESULT_COLUMNS)
     table.attrs['description'] = data.description
@@ -486,7 +504,10 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help='option for one metric (NAME may be NAME@TAG), value parsed as YAML (repeatable)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
     add_precision_argument(parser)
-    parser.add_argument('--batch-size', type=int, default=8, help='images per forward pass (equal sizes only)')
+    parser.add_argument('--batch-size', type=int, default=8,
+                        help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
+                             'grmp_iqa; equal sizes for the others)')
+    add_workers_argument(parser)
     parser.add_argument('--out', default='results/compare',
                         help='folder for results.csv, results.md, per_image.csv, scatter.png (default results/compare)')
     parser.set_defaults(handler=run_compare_command)
@@ -502,7 +523,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
                                                         args.precision, args.device,
                                                         lambda name: split_metric_name(name)[0]),
                     device=args.device,
-                    batch_size=args.batch_size, out_dir=args.out, progress=True)
+                    batch_size=args.batch_size, out_dir=args.out, progress=True, workers=args.workers)
     print(results_markdown(table, table.attrs['description']))
     print(f'wrote {os.path.join(args.out, "results.csv")}, results.md, per_image.csv and scatter.png')
     failed = table[table['failed'] > 0]

@@ -2,8 +2,9 @@
 
 Pipeline: images are decoded in ``workers`` processes of a ``torch.utils.data.DataLoader`` while the main process
 runs the metrics. A metric whose preprocessing starts with a fixed resize declares it (the protocol below), and
-the workers run that very resize, so images of any size arrive equal-sized and batches are full; other metrics
-get native-resolution images and batches of equal-size images. A failing batch is retried image by image, so one
+that very resize runs ahead of the metric (in the workers on a CPU; on the GPU in the main process, the workers
+passing uint8 pixels), so images of any size arrive equal-sized and batches are full; other metrics get
+native-resolution images and batches of equal-size images. A failing batch is retried image by image, so one
 bad image only costs its own score, and every failure is recorded with the image's name.
 
 Results: rows go to the ``csv_path`` file as batches finish (flushed), so a killed run loses only the batches in
@@ -34,7 +35,7 @@ import torch
 
 from . import distributed
 from .checkpointing import atomic_write
-from .data.image_io import ImageReadError, list_images, read_image
+from .data.image_io import ImageReadError, decode_image, list_images, unit_float
 
 #: Pixels (per channel) of native-resolution images held before a chunk is scored, whatever the batch size.
 MAX_CHUNK_PIXELS = 48_000_000
@@ -205,23 +206,33 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cpus // ranks_here))
 
 
+def add_workers_argument(parser) -> None:
+    """The ``--workers`` option of the commands that decode images (``score``, ``compare``)."""
+    parser.add_argument('--workers', type=int, default=default_workers(),
+                        help='processes decoding images while the metrics run; 0 decodes in the main process '
+                             '(default: the CPUs of this process, shared by the ranks of a machine, at most '
+                             f'{MAX_DEFAULT_WORKERS})')
+
+
 # ------------------------------------------------------------------------------------------ decoding workers
 class DecodedImages(torch.utils.data.Dataset):
     """Decoded images (and references) as dicts, one per index; runs in the DataLoader's workers.
 
     An item holds ``index``, ``path``, ``error`` (why the image or its reference cannot be read, else None),
-    ``native`` (the image, when ``keep_native``), ``reference`` and ``views``: per callable of ``resizes`` the
-    resized image (a (3, h, w) tensor) or the reason the resize failed (a string).
+    ``native`` (the image), ``reference`` and ``views`` (see :func:`finish_item`). With ``finish_in_worker`` the
+    worker also runs :func:`finish_item`; without it the item keeps the images as decoded (uint8 for 8-bit files)
+    and ``views`` empty, for the main process to finish.
     """
 
     def __init__(self, paths: Sequence[str], references: Optional[Sequence[str]] = None,
                  resizes: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (), keep_native: bool = True,
-                 first_index: Sequence[int] = ()) -> None:
+                 first_index: Sequence[int] = (), finish_in_worker: bool = True) -> None:
         self.paths = list(paths)
         self.references = list(references) if references is not None else None
         self.resizes = list(resizes)
         self.keep_native = keep_native
         self.indices = list(first_index) or list(range(len(self.paths)))
+        self.finish_in_worker = finish_in_worker
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -231,33 +242,100 @@ class DecodedImages(torch.utils.data.Dataset):
         item = {'index': self.indices[position], 'path': path, 'error': None, 'native': None, 'reference': None,
                 'views': []}
         try:
-            image = read_image(path)
+            shared = torch.utils.data.get_worker_info() is not None  # passed to the main process: no extra copy
+            item['native'] = decode_image(path, shared)
             if self.references is not None:
                 try:
-                    item['reference'] = read_image(self.references[position])
+                    item['reference'] = decode_image(self.references[position], shared)
                 except ImageReadError as error:
                     raise ImageReadError(f'reference of {path}: {error}') from error
         except ImageReadError as error:
-            item['error'] = str(error)
+            item.update(error=str(error), native=None, reference=None)
             return item
-        for resize in self.resizes:
-            try:
-                item['views'].append(resize(image.unsqueeze(0))[0])
-            except Exception as error:  # reported per metric, never raised in a worker
-                item['views'].append(f'{type(error).__name__}: {error}')
-        if self.keep_native:
-            item['native'] = image
+        if self.finish_in_worker:
+            finish_item(item, self.resizes, self.keep_native)
         return item
+
+
+def finish_item(item: dict, resizes: Sequence[Callable[[torch.Tensor], torch.Tensor]], keep_native: bool,
+                device: Optional[torch.device] = None) -> None:
+    """Make a decoded item what the metrics take, in place (on ``device`` when given, else where it is).
+
+    ``native`` and ``reference`` become float32 in [0, 1] (``native`` is dropped unless ``keep_native``), and
+    ``views`` holds, per callable of ``resizes``, the resized image (a (3, h, w) tensor) or the reason the
+    resize failed (a string), so that a failure is reported per metric and never raised.
+    """
+    if item['error'] is not None:
+        return
+    image = unit_float(_moved(item['native'], device))
+    if item['reference'] is not None:
+        item['reference'] = unit_float(_moved(item['reference'], device))
+    views: List[object] = []
+    for resize in resizes:
+        try:
+            views.append(resize(image.unsqueeze(0))[0])
+        except Exception as error:
+            views.append(f'{type(error).__name__}: {error}')
+    item['views'] = views
+    item['native'] = image if keep_native else None
+
+
+def _moved(tensor: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    return tensor if device is None else tensor.to(device, non_blocking=True)
 
 
 def _as_is(item: dict) -> dict:
     return item
 
 
-def decoding_loader(dataset: DecodedImages, workers: int) -> torch.utils.data.DataLoader:
-    """The items of ``dataset`` in order, one by one, decoded by ``workers`` processes (0: this process)."""
+def decoding_loader(dataset: DecodedImages, workers: int, pin_memory: bool = False,
+                    in_flight: int = 0) -> torch.utils.data.DataLoader:
+    """The items of ``dataset`` in order, one by one, decoded by ``workers`` processes (0: this process).
+
+    The workers keep about ``in_flight`` items (at least two each) decoded ahead, so that they go on decoding
+    while the metrics run on a whole batch.
+    """
+    prefetch = max(2, math.ceil(in_flight / workers)) if workers else None
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                       collate_fn=_as_is)
+                                       collate_fn=_as_is, pin_memory=pin_memory, prefetch_factor=prefetch)
+
+
+def prepared_items(paths: Sequence[str], resizes: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                   keep_native: bool, workers: int, references: Optional[Sequence[str]] = None,
+                   indices: Sequence[int] = (), finish_on: Optional[torch.device] = None,
+                   in_flight: int = 0) -> Iterator[dict]:
+    """The items of ``paths`` in order, decoded by ``workers`` processes (about ``in_flight`` ahead) and finished
+    (:func:`finish_item`).
+
+    Without ``finish_on`` the workers finish them too. With it they only decode, and this process finishes each
+    item on that device: for a GPU, the workers then pass uint8 pixels (4x fewer bytes, through pinned memory)
+    and the float conversion and resize of a large photo take microseconds there instead of most of a
+    worker's time on a CPU. The computation is the one the metric itself runs on that device.
+    """
+    dataset = DecodedImages(paths, references, resizes, keep_native, indices, finish_in_worker=finish_on is None)
+    pin = finish_on is not None and finish_on.type == 'cuda'
+    for item in decoding_loader(dataset, workers, pin_memory=pin, in_flight=in_flight):
+        if finish_on is not None:
+            finish_item(item, resizes, keep_native, finish_on)
+        yield item
+
+
+def metric_device(metric: object) -> torch.device:
+    """The device a pyiqa metric computes on."""
+    parameter = getattr(metric, 'dummy_param', None)
+    if isinstance(parameter, torch.Tensor):
+        return parameter.device
+    return torch.device(getattr(metric, 'device', None) or 'cpu')
+
+
+def shared_gpu(metrics: Dict[str, object]) -> Optional[torch.device]:
+    """The CUDA device all ``metrics`` compute on, if they share one (images are then finished there), else None."""
+    devices = {metric_device(metric) for metric in metrics.values()}
+    if len(devices) == 1:
+        device = devices.pop()
+        if device.type == 'cuda':
+            return device
+    return None
 
 
 def _as_scores(output: object, count: int) -> List[float]:
@@ -339,9 +417,10 @@ def score_stream(paths: Sequence[str], metrics: Dict[str, object], batch_size: i
                  ) -> Iterator[List[ImageResult]]:
     """Score ``paths`` with every metric, yielding the results of each chunk in path order as it finishes.
 
-    Decoding (and the declared resizes) run in ``workers`` DataLoader processes (0: in this process). A chunk holds
-    at most ``batch_size`` images and, of native-resolution ones, about ``MAX_CHUNK_PIXELS`` pixels, so memory
-    stays bounded whatever the image sizes. ``indices`` (default 0, 1, ...) number the results.
+    Decoding runs in ``workers`` DataLoader processes (0: in this process); the float conversion and the declared
+    resizes run there too, or, when the metrics share a GPU, on it in this process (:func:`prepared_items`). A
+    chunk holds at most ``batch_size`` images and, of native-resolution ones, about ``MAX_CHUNK_PIXELS`` pixels,
+    so memory stays bounded whatever the image sizes. ``indices`` (default 0, 1, ...) number the results.
     """
     resizes: List[Callable] = []
     views: Dict[str, Optional[int]] = {}
@@ -350,11 +429,12 @@ def score_stream(paths: Sequence[str], metrics: Dict[str, object], batch_size: i
         if resize is not None and resize not in resizes:
             resizes.append(resize)
         views[name] = None if resize is None else resizes.index(resize)
-    dataset = DecodedImages(paths, references, resizes, keep_native=any(v is None for v in views.values()),
-                            first_index=indices)
+    keep_native = any(v is None for v in views.values())
     chunk: List[dict] = []
     pixels = 0
-    for item in decoding_loader(dataset, workers):
+    items = prepared_items(paths, resizes, keep_native, workers, references, indices, shared_gpu(metrics),
+                           in_flight=batch_size)
+    for item in items:
         chunk.append(item)
         pixels += item['native'][0].numel() if item['native'] is not None else 0
         if len(chunk) == batch_size or pixels >= MAX_CHUNK_PIXELS:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, photo
 from pyiqa_grmp.cli import main, parse_metric_options
-from pyiqa_grmp.data.image_io import ImageReadError, read_image
+from pyiqa_grmp.data.image_io import ImageReadError, decode_image, read_image
 
 
 def _tiny_grmp_options(checkpoint):
@@ -88,6 +88,15 @@ def test_sixteen_bit_png_keeps_its_precision(tmp_path):
     Image.fromarray(values).save(tmp_path / 'g16.png')
     image = read_image(str(tmp_path / 'g16.png'))
     assert torch.allclose(image[0], torch.from_numpy(values.astype(np.float32) / 65535))
+
+
+def test_eight_bit_image_decodes_to_uint8_and_reads_as_exactly_value_over_255(tmp_path):
+    rgb = photo('coffee')[:40, :60]
+    Image.fromarray(rgb).save(tmp_path / 'c.png')
+    decoded = decode_image(str(tmp_path / 'c.png'))
+    assert decoded.dtype == torch.uint8 and torch.equal(decoded, torch.from_numpy(rgb).permute(2, 0, 1))
+    expected = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(read_image(str(tmp_path / 'c.png')), expected)
 
 
 def test_unreadable_file_error_names_it(awkward_folder):

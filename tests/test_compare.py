@@ -107,8 +107,12 @@ def test_unavailable_metric_is_reported_with_its_reason_and_the_others_still_run
                                                                                 capsys):
     monkeypatch.setattr(download_util, 'DEFAULT_CACHE_DIR', str(tmp_path / 'empty_cache'))
 
-    def no_network(*args, **kwargs):
-        raise OSError('network disabled by the test')
+    local_connect = socket.socket.connect
+
+    def no_network(self, address):  # local (unix) sockets still work: decoding workers pass images through them
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError('network disabled by the test')
+        return local_connect(self, address)
 
     monkeypatch.setattr(socket.socket, 'connect', no_network)
     out = tmp_path / 'out'
@@ -148,6 +152,18 @@ def test_variants_of_one_metric_give_one_row_each(synthetic, tiny_checkpoint, tm
     assert table.metric.tolist() == ['grmp_iqa@a', 'grmp_iqa@b'] and table.scored.tolist() == [13, 13]
     per_image = pd.read_csv(tmp_path / 'per_image.csv')
     assert not np.allclose(per_image['grmp_iqa@a'], per_image['grmp_iqa@b'])
+
+
+def test_decoding_workers_give_the_scores_of_decoding_in_the_main_process(synthetic, tiny_checkpoint, tmp_path):
+    per_image = {}
+    for workers in (0, 2):
+        compare(['grmp_iqa', 'entropy'], meta_info=synthetic.tiny, root=synthetic.root, device='cpu',
+                metric_options={'grmp_iqa': _tiny_grmp(tiny_checkpoint)}, out_dir=str(tmp_path / str(workers)),
+                progress=False, workers=workers)
+        per_image[workers] = pd.read_csv(tmp_path / str(workers) / 'per_image.csv')
+    assert per_image[0].image.tolist() == per_image[2].image.tolist() and len(per_image[0]) == 13
+    for metric in ('grmp_iqa', 'entropy'):
+        assert np.abs(per_image[0][metric] - per_image[2][metric]).max() <= 1e-6
 
 
 def test_command_line_end_to_end_with_yaml_metric_options(synthetic, tiny_checkpoint, tmp_path, capsys):

@@ -134,6 +134,31 @@ def test_score_command_on_cuda_matches_cpu(tiny_checkpoint, tmp_path):
     assert all(abs(scores['cpu'][k] - scores['cuda'][k]) < 1e-3 for k in scores['cpu'])
 
 
+def test_images_finished_on_the_gpu_score_as_the_originals_within_1e_6(tiny_checkpoint, tmp_path):
+    from pyiqa_grmp import scoring
+    from pyiqa_grmp.data.image_io import read_image
+
+    paths = []
+    for number, (name, size) in enumerate([('astronaut', (300, 200)), ('coffee', (200, 300)), ('chelsea', (37, 53)),
+                                           ('astronaut', (512, 512)), ('coffee', (244, 244))]):
+        paths.append(str(tmp_path / f'{number}.png'))
+        Image.fromarray(photo(name)[:size[0], :size[1]]).save(paths[-1])
+    metric = pyiqa.create_metric('grmp_iqa', device='cuda', pretrained_model_path=tiny_checkpoint,
+                                 backbone=TINY_BACKBONE, num_visual_prompts=TINY_NUM_PROMPTS)
+    assert scoring.shared_gpu({'grmp_iqa': metric}) == torch.device('cuda', torch.cuda.current_device())
+    inputs = []
+    handle = metric.net.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    try:
+        results = [r for chunk in scoring.score_stream(paths, {'grmp_iqa': metric}, batch_size=8, workers=2)
+                   for r in chunk]
+    finally:
+        handle.remove()
+    assert [tuple(x.shape) for x in inputs] == [(5, 3, 244, 244)] and inputs[0].is_cuda
+    with torch.no_grad():
+        originals = [metric(read_image(p).unsqueeze(0).cuda()).item() for p in paths]
+    assert max(abs(r.scores['grmp_iqa'] - o) for r, o in zip(results, originals)) <= 1e-6
+
+
 def test_compare_command_on_cuda(synthetic_workdir, tiny_checkpoint, tmp_path):
     import pandas as pd
 

@@ -71,6 +71,38 @@ def test_worker_resize_scores_equal_scores_of_the_original_images(mixed_folder, 
     assert np.abs(np.array([r.scores['grmp_iqa'] for r in results]) - originals).max() <= 1e-6
 
 
+def test_workers_pass_8_bit_images_as_uint8_when_the_main_process_finishes_them(mixed_folder):
+    dataset = scoring.DecodedImages(_readable(mixed_folder), resizes=[SquareResize(244)], keep_native=False,
+                                    finish_in_worker=False)
+    item = dataset[0]
+    assert item['native'].dtype == torch.uint8 and item['views'] == []
+
+
+def test_items_finished_in_the_main_process_equal_items_finished_in_workers(mixed_folder):
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    resizes = [SquareResize(244)]
+    in_workers = list(scoring.prepared_items(paths, resizes, True, workers=2))
+    in_main = list(scoring.prepared_items(paths, resizes, True, workers=2, finish_on=torch.device('cpu')))
+    assert [i['path'] for i in in_main] == [i['path'] for i in in_workers] == paths
+    for here, there in zip(in_main, in_workers):
+        assert here['error'] == there['error']
+        if here['error'] is None:
+            assert here['native'].dtype == torch.float32 and torch.equal(here['native'], there['native'])
+            assert torch.equal(here['views'][0], there['views'][0])
+    assert sum(i['error'] is not None for i in in_main) == 1
+
+
+def test_a_resize_that_fails_is_reported_as_the_view_not_raised():
+    item = {'index': 0, 'path': 'x.png', 'error': None, 'native': torch.zeros(3, 4, 4, dtype=torch.uint8),
+            'reference': None, 'views': []}
+
+    def broken_resize(images):
+        raise RuntimeError('out of memory')
+
+    scoring.finish_item(item, [broken_resize], keep_native=False)
+    assert item['views'] == ['RuntimeError: out of memory'] and item['native'] is None
+
+
 def test_images_of_mixed_sizes_arrive_in_full_batches(mixed_folder, tiny_metric):
     shapes, handle = _input_shapes(tiny_metric)
     try:
