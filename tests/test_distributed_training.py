@@ -121,12 +121,6 @@ def test_protocol_spreads_runs_over_ranks_and_writes_the_tables_of_one_process(s
     pd.testing.assert_frame_equal(table_one, table_two)
 
 
-def test_official_meta_mode_on_two_ranks_fails_naming_reptile(synthetic_workdir):
-    status, output = _run(synthetic_workdir, 2, META, 'meta_official', [*META_CONTRACT, 'train:meta:mode=official'])
-    assert status != 0
-    assert "train.meta.mode 'official'" in output and 'use mode reptile' in output
-
-
 def test_fewer_shots_than_ranks_is_a_clear_error(synthetic_workdir):
     status, output = _run(synthetic_workdir, 2, FINETUNE, 'too_few', ['datasets:train:num_shots=1'])
     assert status != 0

@@ -203,6 +203,13 @@ def test_unknown_meta_mode_fails_before_training(synthetic_workdir):
         build_model(_options(synthetic_workdir, mode='maml'))
 
 
+def test_official_meta_mode_on_several_processes_fails_naming_reptile(synthetic_workdir):
+    opt = _options(synthetic_workdir, mode='official')
+    opt.update(dist=True, world_size=2)  # as under torchrun; the refusal comes before any collective
+    with pytest.raises(TrainingConfigError, match="train.meta.mode 'official'.*use mode reptile"):
+        build_model(opt)
+
+
 # ----------------------------------------------------------------------------------------- end to end
 UNTRAINED_FINETUNE_SEEDS = (1, 2, 3, 4)
 
