@@ -49,10 +49,31 @@ def _command(ranks, command, config, name, overrides, *extra):
     return [*launch, command, '-opt', str(config), *launcher, *extra, '--force_yml', *overrides, f'name={name}']
 
 
+def _start(workdir, ranks, config, name, overrides, *extra, command='train'):
+    return subprocess.Popen(_command(ranks, command, config, name, overrides, *extra), cwd=workdir, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _outcome(process):
+    """(exit status, output) of a launch once it has ended; the whole job is killed if it outlives TIMEOUT."""
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return process.returncode, output
+
+
 def _run(workdir, ranks, config, name, overrides, *extra, command='train'):
-    result = subprocess.run(_command(ranks, command, config, name, overrides, *extra), cwd=workdir, env=_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
-    return result.returncode, result.stdout + result.stderr
+    return _outcome(_start(workdir, ranks, config, name, overrides, *extra, command=command))
+
+
+def _side_by_side(workdir, config, one, two, command='train'):
+    """The same run in one process (single-threaded, in the background) and on 2 ranks at the same time; ``one`` and
+    ``two`` are (name, overrides, extra arguments). Returns (status, output) of each."""
+    background = _start(workdir, 0, config, one[0], one[1], *one[2], command=command)
+    on_two_ranks = _run(workdir, 2, config, two[0], two[1], *two[2], command=command)
+    return _outcome(background), on_two_ranks
 
 
 def _weights(path):
@@ -68,8 +89,9 @@ def _max_difference(a_path, b_path):
 @pytest.fixture(scope='module')
 def finetune_runs(synthetic_workdir):
     """One process with batch 32 and two ranks with batch 16 each, otherwise the same run."""
-    one = _run(synthetic_workdir, 0, FINETUNE, 'dist_one', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=32'])
-    two = _run(synthetic_workdir, 2, FINETUNE, 'dist_two', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16'])
+    one, two = _side_by_side(synthetic_workdir, FINETUNE,
+                             ('dist_one', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=32'], ()),
+                             ('dist_two', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16'], ()))
     assert one[0] == 0, one[1][-3000:]
     assert two[0] == 0, two[1][-3000:]
     return {'one': synthetic_workdir / 'experiments' / 'dist_one', 'two': synthetic_workdir / 'experiments' / 'dist_two',
@@ -95,8 +117,8 @@ def test_only_rank_0_writes_and_the_files_are_those_of_one_process(finetune_runs
 
 
 def test_parallel_reptile_ends_with_the_theta_of_one_process(synthetic_workdir):
-    one = _run(synthetic_workdir, 0, META, 'meta_dist_one', META_CONTRACT)
-    two = _run(synthetic_workdir, 2, META, 'meta_dist_two', META_CONTRACT)
+    one, two = _side_by_side(synthetic_workdir, META, ('meta_dist_one', META_CONTRACT, ()),
+                             ('meta_dist_two', META_CONTRACT, ()))
     assert one[0] == 0, one[1][-3000:]
     assert two[0] == 0, two[1][-3000:]
     assert '2 epochs, 10 iterations' in one[1]  # 5 tasks a round
@@ -110,10 +132,9 @@ def test_parallel_reptile_ends_with_the_theta_of_one_process(synthetic_workdir):
 
 def test_protocol_spreads_runs_over_ranks_and_writes_the_tables_of_one_process(synthetic_workdir):
     budget = ['train:total_epoch=2', 'val:val_freq=1', 'logger:print_freq=1']
-    one = _run(synthetic_workdir, 0, FINETUNE, 'protocol_one', budget, '--runs', '2', '--out', 'protocol_one',
-               command='protocol')
-    two = _run(synthetic_workdir, 2, FINETUNE, 'protocol_two', budget, '--runs', '2', '--out', 'protocol_two',
-               command='protocol')
+    one, two = _side_by_side(synthetic_workdir, FINETUNE,
+                             ('protocol_one', budget, ('--runs', '2', '--out', 'protocol_one')),
+                             ('protocol_two', budget, ('--runs', '2', '--out', 'protocol_two')), command='protocol')
     assert one[0] == 0, one[1][-3000:]
     assert two[0] == 0, two[1][-3000:]
     table_one = pd.read_csv(synthetic_workdir / 'protocol_one' / 'protocol.csv').drop(columns='checkpoint')

@@ -1,6 +1,7 @@
 """Crash-safe training: runs killed by SIGKILL or stopped by SIGTERM, then resumed with --auto_resume through the
 real command, end with exactly the weights of an uninterrupted run; cut-short states are skipped; a resume under a
 changed config fails; runs without validation finish."""
+import functools
 import os
 import random
 import signal
@@ -78,12 +79,22 @@ def _assert_same_weights(reference, experiment, files=('net_latest.pth', 'net_be
         assert not different, f'{name}: {len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'
 
 
+def _finished(process, experiment):
+    """The folder of ``experiment`` once ``process``, its run, has ended well."""
+    output, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0, output[-3000:]
+    return experiment
+
+
 @pytest.fixture(scope='module')
 def reference_run(synthetic_workdir):
-    """The uninterrupted fine-tuning run that every interrupted one must reproduce bit for bit."""
-    result = _run(synthetic_workdir, FINETUNE, 'resume_reference', FINETUNE_RUN)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return synthetic_workdir / 'experiments' / 'resume_reference'
+    """The uninterrupted fine-tuning run that every interrupted one must reproduce bit for bit: a function that
+    waits for it. It runs in the background meanwhile, on the core the single-threaded run under test leaves."""
+    process = _start(synthetic_workdir, FINETUNE, 'resume_reference', FINETUNE_RUN)
+    yield functools.cache(lambda: _finished(process, synthetic_workdir / 'experiments' / 'resume_reference'))
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
 
 
 def test_sigterm_writes_a_state_exits_nonzero_and_auto_resume_matches_the_uninterrupted_run(reference_run,
@@ -101,7 +112,7 @@ def test_sigterm_writes_a_state_exits_nonzero_and_auto_resume_matches_the_uninte
     resumed = _run(synthetic_workdir, FINETUNE, 'resume_sigterm', FINETUNE_RUN, '--auto_resume')
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f'resuming from {experiment / "training_states" / f"{stopped_at}.state"}' in resumed.stdout + resumed.stderr
-    _assert_same_weights(reference_run, experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
+    _assert_same_weights(reference_run(), experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
 
 
 def _checkpoint_being_written(experiment):
@@ -127,12 +138,11 @@ def test_sigkill_at_random_moments_then_auto_resume_matches_the_uninterrupted_ru
     finished = _run(synthetic_workdir, FINETUNE, 'resume_sigkill', FINETUNE_RUN, '--auto_resume')
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert not _checkpoint_being_written(experiment), 'temporary files of killed writes are removed on resume'
-    _assert_same_weights(reference_run, experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
+    _assert_same_weights(reference_run(), experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
 
 
 def test_meta_training_stopped_by_sigterm_resumes_to_the_same_theta(synthetic_workdir):
-    reference = _run(synthetic_workdir, META, 'meta_reference', META_RUN)
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    reference = _start(synthetic_workdir, META, 'meta_reference', META_RUN)  # alongside, on the other core
     experiment = synthetic_workdir / 'experiments' / 'meta_sigterm'
     process = _start(synthetic_workdir, META, 'meta_sigterm', META_RUN)
     _wait_for(lambda: 6 in _states(experiment), process)  # inside the second round: snapshot sums pending
@@ -141,7 +151,7 @@ def test_meta_training_stopped_by_sigterm_resumes_to_the_same_theta(synthetic_wo
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     resumed = _run(synthetic_workdir, META, 'meta_sigterm', META_RUN, '--auto_resume')
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _assert_same_weights(synthetic_workdir / 'experiments' / 'meta_reference', experiment)
+    _assert_same_weights(_finished(reference, synthetic_workdir / 'experiments' / 'meta_reference'), experiment)
 
 
 def test_auto_resume_skips_cut_short_states_and_temporary_files_naming_each(tmp_path):
@@ -189,6 +199,7 @@ def _main_in(workdir, argv):
 
 
 def test_resume_under_a_changed_split_fails_naming_the_option(reference_run, synthetic_workdir, capsys):
+    reference_run()
     argv = _command(FINETUNE, 'resume_reference', [*FINETUNE_RUN, 'datasets:train:split_seed=3'], '--auto_resume')
     assert _main_in(synthetic_workdir, argv[3:]) == 2
     assert 'datasets.train.split_seed: 0 in the state, 3 now' in capsys.readouterr().err
