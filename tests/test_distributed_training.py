@@ -72,7 +72,12 @@ def _side_by_side(workdir, config, one, two, command='train'):
     """The same run in one process (single-threaded, in the background) and on 2 ranks at the same time; ``one`` and
     ``two`` are (name, overrides, extra arguments). Returns (status, output) of each."""
     background = _start(workdir, 0, config, one[0], one[1], *one[2], command=command)
-    on_two_ranks = _run(workdir, 2, config, two[0], two[1], *two[2], command=command)
+    try:
+        on_two_ranks = _run(workdir, 2, config, two[0], two[1], *two[2], command=command)
+    except BaseException:
+        os.killpg(background.pid, signal.SIGKILL)
+        background.communicate()
+        raise
     return _outcome(background), on_two_ranks
 
 

@@ -143,15 +143,20 @@ def test_sigkill_at_random_moments_then_auto_resume_matches_the_uninterrupted_ru
 
 def test_meta_training_stopped_by_sigterm_resumes_to_the_same_theta(synthetic_workdir):
     reference = _start(synthetic_workdir, META, 'meta_reference', META_RUN)  # alongside, on the other core
-    experiment = synthetic_workdir / 'experiments' / 'meta_sigterm'
-    process = _start(synthetic_workdir, META, 'meta_sigterm', META_RUN)
-    _wait_for(lambda: 6 in _states(experiment), process)  # inside the second round: snapshot sums pending
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=TIMEOUT)
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    resumed = _run(synthetic_workdir, META, 'meta_sigterm', META_RUN, '--auto_resume')
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _assert_same_weights(_finished(reference, synthetic_workdir / 'experiments' / 'meta_reference'), experiment)
+    try:
+        experiment = synthetic_workdir / 'experiments' / 'meta_sigterm'
+        process = _start(synthetic_workdir, META, 'meta_sigterm', META_RUN)
+        _wait_for(lambda: 6 in _states(experiment), process)  # inside the second round: snapshot sums pending
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+        resumed = _run(synthetic_workdir, META, 'meta_sigterm', META_RUN, '--auto_resume')
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        _assert_same_weights(_finished(reference, synthetic_workdir / 'experiments' / 'meta_reference'), experiment)
+    finally:
+        if reference.poll() is None:  # the test failed before waiting for it
+            reference.kill()
+            reference.communicate()
 
 
 def test_auto_resume_skips_cut_short_states_and_temporary_files_naming_each(tmp_path):
