@@ -26,11 +26,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
-from common import benchmark_parser, prepare
+from common import benchmark_parser, measure, prepare
 from PIL import Image
 
 import pyiqa_grmp  # noqa: F401  (registers grmp_iqa)
@@ -99,13 +98,8 @@ def load_baseline(baseline_dir: str):
 
 
 def timed(fn, device: torch.device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Seconds of one call, the GPU's work included."""
+    return measure(fn, device)['seconds']
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
 from .demo import add_demo_parser
 from .precision import add_precision_argument, add_precision_option
-from .scoring import ScoreReport, add_workers_argument, parse_metric_options, score_images
+from .scoring import ScoreReport, add_batch_arguments, parse_metric_options, score_images
 
 
 def _print_report(report: ScoreReport, verbose: bool) -> None:
@@ -103,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                             'per line (relative to the list\'s folder, or absolute)')
     score.add_argument('-r', '--ref', help='reference image or folder, for full-reference metrics')
     score.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
-    score.add_argument('--batch-size', type=int, default=8,
-                       help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
-                            'grmp_iqa; equal sizes for the others)')
-    add_workers_argument(score)
+    add_batch_arguments(score)
     score.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
                        help='option for one metric, value parsed as YAML, e.g. '
                             'grmp_iqa:pretrained_model_path=experiments/x/models/net_best.pth (repeatable)')

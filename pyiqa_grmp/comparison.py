@@ -29,7 +29,7 @@ import torch
 
 from .data.fewshot_dataset import few_shot_split
 from .precision import add_precision_argument, add_precision_option
-from .scoring import (ScoreReport, add_workers_argument, create_metrics, metric_device, parse_metric_options,
+from .scoring import (ScoreReport, add_batch_arguments, create_metrics, metric_device, parse_metric_options,
                       score_paths)
 
 
@@ -504,10 +504,7 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help='option for one metric (NAME may be NAME@TAG), value parsed as YAML (repeatable)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
     add_precision_argument(parser)
-    parser.add_argument('--batch-size', type=int, default=8,
-                        help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
-                             'grmp_iqa; equal sizes for the others)')
-    add_workers_argument(parser)
+    add_batch_arguments(parser)
     parser.add_argument('--out', default='results/compare',
                         help='folder for results.csv, results.md, per_image.csv, scatter.png (default results/compare)')
     parser.set_defaults(handler=run_compare_command)

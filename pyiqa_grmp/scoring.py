@@ -206,8 +206,11 @@ def default_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cpus // ranks_here))
 
 
-def add_workers_argument(parser) -> None:
-    """The ``--workers`` option of the commands that decode images (``score``, ``compare``)."""
+def add_batch_arguments(parser) -> None:
+    """The ``--batch-size`` and ``--workers`` options of the commands that score images (``score``, ``compare``)."""
+    parser.add_argument('--batch-size', type=int, default=8,
+                        help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
+                             'grmp_iqa; equal sizes for the others)')
     parser.add_argument('--workers', type=int, default=default_workers(),
                         help='processes decoding images while the metrics run; 0 decodes in the main process '
                              '(default: the CPUs of this process, shared by the ranks of a machine, at most '

@@ -6,19 +6,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, photo
+from grmp_test_utils import photo, tiny_grmp_cli_options
 from pyiqa_grmp.cli import main, parse_metric_options
 from pyiqa_grmp.data.image_io import ImageReadError, decode_image, read_image
-
-
-def _tiny_grmp_options(checkpoint):
-    backbone = yaml.safe_dump(TINY_BACKBONE, default_flow_style=True).strip()
-    return ['--metric-opt', f'grmp_iqa:pretrained_model_path={checkpoint}',
-            '--metric-opt', f'grmp_iqa:backbone={backbone}',
-            '--metric-opt', f'grmp_iqa:num_visual_prompts={TINY_NUM_PROMPTS}']
 
 
 def _exif_rotated_jpeg(path):
@@ -50,7 +42,7 @@ def test_awkward_folder_is_scored_and_unreadable_files_are_reported(awkward_fold
                                                                    capsys):
     out_csv = tmp_path / 'scores.csv'
     status = main(['score', 'grmp_iqa', '-t', str(awkward_folder), '--csv', str(out_csv), '--batch-size', '3',
-                   *_tiny_grmp_options(tiny_checkpoint)])
+                   *tiny_grmp_cli_options(tiny_checkpoint)])
     assert status == 1
     rows = {r['image'].rsplit('/', 1)[-1]: r for r in csv.DictReader(out_csv.open())}
     assert len(rows) == 10
@@ -69,7 +61,7 @@ def test_batched_scores_equal_one_by_one(awkward_folder, tiny_checkpoint, tmp_pa
     for batch_size in ('1', '8'):
         out_csv = tmp_path / f'b{batch_size}.csv'
         main(['score', 'grmp_iqa', '-t', str(awkward_folder), '--csv', str(out_csv), '--batch-size', batch_size,
-              *_tiny_grmp_options(tiny_checkpoint)])
+              *tiny_grmp_cli_options(tiny_checkpoint)])
         scores.append([float(r['grmp_iqa'] or 'nan') for r in csv.DictReader(out_csv.open())])
     assert np.allclose(scores[0], scores[1], atol=1e-5, equal_nan=True)
 
@@ -108,7 +100,7 @@ def test_several_metrics_side_by_side_with_per_image_output(tmp_path, tiny_check
     for name in ('astronaut', 'coffee'):
         Image.fromarray(photo(name)[:256, :256]).save(tmp_path / f'{name}.png')
     status = main(['score', 'grmp_iqa', 'piqe', 'entropy', '-t', str(tmp_path), '-v',
-                   *_tiny_grmp_options(tiny_checkpoint)])
+                   *tiny_grmp_cli_options(tiny_checkpoint)])
     out = capsys.readouterr().out
     assert status == 0
     assert 'astronaut.png' in out and 'coffee.png' in out

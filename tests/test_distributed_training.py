@@ -4,7 +4,6 @@ the protocol: the same tables), identical weights on every rank, files written b
 for launches that cannot work."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from grmp_test_utils import free_port
 from pyiqa_grmp.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
@@ -31,19 +31,13 @@ META_CONTRACT = ['network:backbone_pretrained=~', 'train:total_epoch=2', 'val:va
 TIMEOUT = 400
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def _env():
     return dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
 
 
 def _command(ranks, command, config, name, overrides, *extra):
     launch = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(ranks), '--master_addr',
-               '127.0.0.1', '--master_port', str(_free_port()), '-m', 'pyiqa_grmp']
+               '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp']
               if ranks else [sys.executable, '-m', 'pyiqa_grmp'])
     launcher = ['--launcher', 'pytorch'] if ranks else []
     return [*launch, command, '-opt', str(config), *launcher, *extra, '--force_yml', *overrides, f'name={name}']

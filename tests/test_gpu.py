@@ -13,7 +13,7 @@ from pyiqa.models import build_model
 
 from conftest import make_tiny_model
 from grmp_test_utils import (TINY_BACKBONE, TINY_NUM_PROMPTS, photo, photo_tensor, reference_score,
-                             tiny_model_kwargs, training_options)
+                             tiny_grmp_cli_options, tiny_model_kwargs, training_options)
 from pyiqa_grmp.archs.grmp_arch import GRMPIQA
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.data.synthetic import META_INFO_NAME
@@ -111,14 +111,6 @@ def test_meta_training_round_on_cuda(synthetic_workdir):
     assert any(not torch.equal(after, before) for after, before in zip(model.theta, theta_before))
 
 
-def _tiny_metric_options(checkpoint):
-    import yaml
-
-    backbone = yaml.safe_dump(TINY_BACKBONE, default_flow_style=True).strip()
-    return ['--metric-opt', f'grmp_iqa:pretrained_model_path={checkpoint}', '--metric-opt',
-            f'grmp_iqa:backbone={backbone}', '--metric-opt', f'grmp_iqa:num_visual_prompts={TINY_NUM_PROMPTS}']
-
-
 def test_score_command_on_cuda_matches_cpu(tiny_checkpoint, tmp_path):
     folder = tmp_path / 'images'
     folder.mkdir()
@@ -128,7 +120,7 @@ def test_score_command_on_cuda_matches_cpu(tiny_checkpoint, tmp_path):
     for device in ('cpu', 'cuda'):
         out = tmp_path / f'{device}.csv'
         assert main(['score', 'grmp_iqa', '-t', str(folder), '--device', device, '--csv', str(out),
-                     *_tiny_metric_options(tiny_checkpoint)]) == 0
+                     *tiny_grmp_cli_options(tiny_checkpoint)]) == 0
         scores[device] = {row['image']: float(row['grmp_iqa']) for row in csv.DictReader(out.open())}
     assert scores['cpu'].keys() == scores['cuda'].keys() and len(scores['cpu']) == 3
     assert all(abs(scores['cpu'][k] - scores['cuda'][k]) < 1e-3 for k in scores['cpu'])
@@ -167,7 +159,7 @@ def test_compare_command_on_cuda(synthetic_workdir, tiny_checkpoint, tmp_path):
     pd.read_csv(root / META_INFO_NAME).iloc[::10].to_csv(meta, index=False)
     out = tmp_path / 'compare'
     assert main(['compare', 'grmp_iqa', '--meta-info', str(meta), '--root', str(root), '--device', 'cuda',
-                 '--precision', 'bf16', '--out', str(out), *_tiny_metric_options(tiny_checkpoint)]) == 0
+                 '--precision', 'bf16', '--out', str(out), *tiny_grmp_cli_options(tiny_checkpoint)]) == 0
     table = pd.read_csv(out / 'results.csv')
     assert table.loc[0, 'failed'] == 0 and table.loc[0, 'scored'] == len(pd.read_csv(meta))
 
