@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .data.fewshot_dataset import few_shot_split
+from .options import check_option_values
 from .reporting import (CURVES_FILE, METRICS_FILE, bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals,
                         copy_atomically, correlation_values, plot_curves, read_metrics, scatter_before_after,
                         write_atomically)
@@ -223,23 +224,17 @@ def check_images(paths: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the options
 def set_option(options: dict, assignment: str) -> None:
-    """Apply ``KEY:SUB=VALUE`` (the value parsed as safe YAML; missing keys are created) to ``options``."""
-    import yaml
+    """Apply ``--set KEY:SUB=VALUE`` (the value parsed as bounded, safe YAML) to the generated options.
 
-    keys, sep, value = assignment.partition('=')
-    path = [key.strip() for key in keys.split(':')]
-    if not sep or not all(path):
-        raise ValueError(f'--set {assignment!r} is not of the form KEY:SUB=VALUE')
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as error:
-        raise ValueError(f'--set {assignment!r}: the value is not valid YAML ({error})') from error
-    target = options
-    for key in path[:-1]:
-        if not isinstance(target.setdefault(key, {}), dict):
-            raise ValueError(f'--set {assignment!r}: {key!r} is not a mapping')
-        target = target[key]
-    target[path[-1]] = parsed
+    The rule is ``pyiqa-grmp train --force_yml``'s (:func:`pyiqa_grmp.options.apply_override`): the key must exist
+    in its section, or be an option the loop or a model reads with a default. The generated options hold every
+    option of the presets with its value (``train.amp: ~``, ``train.total_epoch``, ``val.val_freq``, ...), so
+    ``train:amp=bf16`` or ``train:total_epoch=30`` are accepted and a typo such as ``train:optim:lrr=5`` is a
+    :class:`~pyiqa_grmp.options.ConfigError` naming the keys of ``train.optim``.
+    """
+    from .options import apply_override
+
+    apply_override(options, assignment, flag='--set')
 
 
 def merge_options(base: dict, override: Mapping) -> dict:
@@ -254,19 +249,14 @@ def merge_options(base: dict, override: Mapping) -> dict:
 
 
 def read_override(path: str) -> dict:
-    """A YAML mapping of training options (read with the safe loader: data only, never code)."""
-    import yaml
+    """A YAML mapping of training options, read as the training configs are (:func:`pyiqa_grmp.options.load_yaml`:
+    safe, bounded, data only). Its keys may add options, e.g. a network's ``resize``: it is a file the user wrote
+    for this purpose, merged as it is (:func:`merge_options`); the merged options are checked before training."""
+    from .options import load_yaml
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--override file {path} not found')
-    try:
-        with open(path) as stream:
-            loaded = yaml.safe_load(stream)
-    except yaml.YAMLError as error:
-        raise ValueError(f'--override file {path} is not plain YAML data: {error}') from error
-    if not isinstance(loaded, dict):
-        raise ValueError(f'--override file {path} must hold a mapping of training options, got {type(loaded).__name__}')
-    return loaded
+    return load_yaml(path)
 
 
 def batch_size(num_shots: int, max_batch: int) -> int:
@@ -347,9 +337,11 @@ def predict_test_split(options: dict, checkpoint: str, device: str) -> Dict[str,
 
     from .data.fewshot_dataset import FewShotNRDataset
     from .models.base_model import predict_loader
+    from .trusted_loading import trusted_loading
 
     network_opt = dict(copy.deepcopy(options['network']), pretrained=True, pretrained_model_path=checkpoint)
-    net = build_network(network_opt).to(device).eval()
+    with trusted_loading(network_opt):
+        net = build_network(network_opt).to(device).eval()
     test_opt = dict(copy.deepcopy(options['datasets']['val']), name='test', phase='test', cache_images=False)
     dataset = FewShotNRDataset(test_opt)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=False)
@@ -440,6 +432,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     for assignment in assignments:
         set_option(options, assignment)
         changed.append(f'`--set {assignment}`')
+    check_option_values(options, 'the training options of adapt (after --override and --set)')
     resize = options['network'].get('resize', 244)
     for phase in ('train', 'val'):  # images are stored at the network's resize, whatever it is
         options['datasets'][phase]['resize'] = resize

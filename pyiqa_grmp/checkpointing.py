@@ -3,6 +3,8 @@
 * :func:`atomic_write` writes to a temporary file in the target's folder, flushes, fsyncs and renames it over the
   target (then fsyncs the folder), so a reader finds either the old file or the complete new one. Temporary
   names start with ``.`` and end with ``.tmp``, so they are never taken for ``*.state`` or ``*.pth`` files.
+  The file gets the permissions ``open(path, 'w')`` gives: those of the regular file it replaces, else 0666
+  minus the umask (or the folder's default ACL); a symbolic link at the path is replaced, never written through.
 * :func:`capture_rng` / :func:`restore_rng` hold every generator a step draws from (python, numpy, torch CPU and
   CUDA) as tensors and lists, so states stay readable with ``torch.load(weights_only=True)``.
 * :func:`find_resume_state` picks the newest state that loads and whose weights exist, naming each one skipped.
@@ -14,12 +16,16 @@ from __future__ import annotations
 import io
 import os
 import random
-import tempfile
+import secrets
+import stat
 import warnings
 from typing import Any, Callable, Dict, IO, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .archs.checkpoint import load_checked
+from .data.image_io import escape_undecodable
 
 #: Options of ``datasets.train`` that change how data is loaded but not which batches a step sees.
 LOADER_ONLY_OPTIONS = frozenset({'num_worker_per_gpu', 'pin_memory', 'persistent_workers', 'prefetch_mode',
@@ -45,18 +51,32 @@ def _fsync_directory(folder: str) -> None:
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it and rename it over ``path``.
+
+    The permissions are those of the regular file replaced, else those of a new file (see the module docstring);
+    a symbolic link at ``path`` is replaced by the file, and its target is left as it was.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        existing = os.lstat(path)
+        mode = stat.S_IMODE(existing.st_mode) & 0o777 if stat.S_ISREG(existing.st_mode) else None
+    except FileNotFoundError:
+        mode = None
+    temporary = os.path.join(folder, f'.{os.path.basename(path)}.{secrets.token_hex(8)}.tmp')
+    # created as open(temporary, 'w') would (the umask applies), so that the bits never exceed the final ones
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o666 if mode is None else mode)
     try:
         with os.fdopen(descriptor, 'wb') as handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.unlink(temporary)
         raise
     _fsync_directory(folder)
@@ -66,7 +86,8 @@ def remove_stale_temporaries(folder: str) -> List[str]:
     """Delete the temporary files that writes killed part-way left in ``folder``; returns their names."""
     if not os.path.isdir(folder):
         return []
-    stale = [name for name in os.listdir(folder) if name.startswith('.') and name.endswith('.tmp')]
+    stale = [entry.name for entry in os.scandir(folder)
+             if entry.name.startswith('.') and entry.name.endswith('.tmp') and not entry.is_dir(follow_symlinks=False)]
     for name in stale:
         os.unlink(os.path.join(folder, name))
     return stale
@@ -78,8 +99,9 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file atomically (UTF-8)."""
-    atomic_write(path, lambda handle: handle.write(text.encode('utf-8')))
+    """Write a text file atomically (UTF-8; bytes of file names that are not UTF-8 as ``\\xhh``)."""
+    data = escape_undecodable(text).encode('utf-8')
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 # ---------------------------------------------------------------------------------------------- generators
@@ -124,7 +146,7 @@ def _read_state(path: str) -> Tuple[Optional[dict], str]:
     """(state, '') or (None, why it cannot be used)."""
     try:
         with open(path, 'rb') as handle:
-            state = torch.load(io.BytesIO(handle.read()), map_location='cpu', weights_only=True)
+            state = load_checked(path, 'training state', io.BytesIO(handle.read()))
     except Exception as error:  # a cut-short or foreign file: torch raises several kinds
         return None, f'cannot be read (cut short?): {type(error).__name__}: {error}'.splitlines()[0]
     if not isinstance(state, dict) or 'iter' not in state or 'epoch' not in state:

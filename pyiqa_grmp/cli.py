@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
+from .data.image_io import printable
 from .demo import add_demo_parser
 from .precision import add_precision_argument, add_precision_option
 from .scoring import ScoreReport, add_batch_arguments, parse_metric_options, score_images
@@ -23,13 +24,13 @@ def _print_report(report: ScoreReport, verbose: bool) -> None:
         for image in report.images:
             scores = report.scores.get(image, {})
             cells = '  '.join(f'{m}={scores[m]:.4f}' if m in scores else f'{m}=FAILED' for m in report.metrics)
-            print(f'{image}  {cells}')
+            print(f'{printable(image)}  {cells}')
         print()
     print(f'{"metric":<{width}}  {"mean":>10}  {"scored":>6}  {"failed":>6}')
     for metric, mean, scored, failed in report.summary():
         print(f'{metric:<{width}}  {mean:>10.4f}  {scored:>6d}  {failed:>6d}')
     for metric, image, reason in report.errors:
-        print(f'FAILED [{metric}] {image}: {reason}', file=sys.stderr)
+        print(f'FAILED [{metric}] {printable(image)}: {printable(reason)}', file=sys.stderr)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if context.is_main:
             _print_report(report, args.verbose)
             if args.csv:
-                print(f'wrote {args.csv}')
+                print(f'wrote {printable(args.csv)}')
             if report.errors:
                 print(f'{len(report.errors)} failure(s); see the messages above', file=sys.stderr)
                 status = 1
@@ -172,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input or configuration: the message says what
-        print(f'pyiqa-grmp {args.command}: error: {error}', file=sys.stderr)
+        print(f'pyiqa-grmp {args.command}: error: {printable(str(error))}', file=sys.stderr)
         return 2
 
 

@@ -29,8 +29,9 @@ import torch
 
 from .data.fewshot_dataset import few_shot_split
 from .precision import add_precision_argument, add_precision_option
-from .scoring import (ScoreReport, add_batch_arguments, create_metrics, metric_device, parse_metric_options,
-                      score_paths)
+from .reporting import save_figure_atomically, write_atomically
+from .scoring import (ScoreReport, add_batch_arguments, create_metrics, encode_path, metric_device,
+                      parse_metric_options, score_paths)
 
 
 RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
@@ -411,15 +412,18 @@ def _scatter_plot(data: LabelledImages, outcomes: List[_Outcome], path: str) -> 
         axis.set_ylabel(label)
     for axis in axes[len(outcomes):]:
         axis.set_axis_off()
-    figure.savefig(path, dpi=100)
+    save_figure_atomically(figure, path)
 
 
 def _write_outputs(out_dir: str, table: pd.DataFrame, data: LabelledImages, outcomes: List[_Outcome]) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    table.to_csv(os.path.join(out_dir, 'results.csv'), index=False)
-    with open(os.path.join(out_dir, 'results.md'), 'w') as handle:
-        handle.write(results_markdown(table, data.description))
-    _per_image_table(data, outcomes).to_csv(os.path.join(out_dir, 'per_image.csv'), index=False)
+    """results.csv, results.md, per_image.csv (paths as in a score CSV) and scatter.png, each written atomically."""
+    write_atomically(os.path.join(out_dir, 'results.csv'), table.to_csv(index=False))
+    write_atomically(os.path.join(out_dir, 'results.md'), results_markdown(table, data.description))
+    per_image = _per_image_table(data, outcomes)
+    for column in ('image', 'reference'):
+        if column in per_image:
+            per_image[column] = per_image[column].map(encode_path)
+    write_atomically(os.path.join(out_dir, 'per_image.csv'), per_image.to_csv(index=False))
     _scatter_plot(data, outcomes, os.path.join(out_dir, 'scatter.png'))
 
 

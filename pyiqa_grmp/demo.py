@@ -79,11 +79,13 @@ def _create(names: Sequence[str], options: Mapping[str, Mapping], device: Option
     import pyiqa
 
     from .pretrained import WeightsNotFoundError
+    from .trusted_loading import trusted_loading
 
     metrics = {}
     for name in names:
         try:
-            metric = pyiqa.create_metric(name, device=device, **options.get(name, {}))
+            with trusted_loading(options.get(name, {})):
+                metric = pyiqa.create_metric(name, device=device, **options.get(name, {}))
         except WeightsNotFoundError as error:
             result.notes.append(_missing_weights_line(name, error))
             continue

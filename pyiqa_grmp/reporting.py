@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from .checkpointing import atomic_write
+from .data.image_io import escape_undecodable, open_regular_file
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -26,14 +27,17 @@ KENDALL_PAIRWISE_MAX = 64
 
 # ------------------------------------------------------------------------------------------- atomic files
 def write_atomically(path: str, data: Union[bytes, str]) -> None:
-    """Write ``data`` (text as UTF-8) so that a reader sees the old file or the complete new one, never a part."""
-    payload = data.encode('utf-8') if isinstance(data, str) else data
+    """Write ``data`` so that a reader sees the old file or the complete new one, never a part
+    (:func:`~pyiqa_grmp.checkpointing.atomic_write`: its permissions, a link replaced, never written through).
+
+    Text is written as UTF-8, the bytes of file names that are not UTF-8 as ``\\xhh``."""
+    payload = escape_undecodable(data).encode('utf-8') if isinstance(data, str) else data
     atomic_write(path, lambda handle: handle.write(payload))
 
 
 def copy_atomically(source: str, target: str) -> None:
-    """Copy a file with :func:`write_atomically` semantics."""
-    with open(source, 'rb') as stream:
+    """Copy a regular file with :func:`write_atomically` semantics."""
+    with open_regular_file(source) as stream:
         write_atomically(target, stream.read())
 
 

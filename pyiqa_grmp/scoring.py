@@ -1,4 +1,4 @@
-"""Scoring image collections with any pyiqa metric (GRMP-IQA included), at any scale.
+r"""Scoring image collections with any pyiqa metric (GRMP-IQA included), at any scale.
 
 Pipeline: images are decoded in ``workers`` processes of a ``torch.utils.data.DataLoader`` while the main process
 runs the metrics. A metric whose preprocessing starts with a fixed resize declares it (the protocol below), and
@@ -17,6 +17,18 @@ batch in [0, 1] to (N, 3, h, w) with h, w fixed, and must be the first step of t
 must leave an input of that size unresized, so that scoring a pre-resized image is the same computation as scoring
 the original. Only no-reference metrics are resized ahead; the metric's input range check is skipped for those
 inputs (bicubic overshoot may leave [0, 1]; the decoded image itself is always in range).
+
+File names in a score CSV (the ``image`` and ``reference`` columns; :func:`encode_path`, :func:`decode_path`):
+Linux names are bytes, and Python holds the bytes that are not UTF-8 as lone surrogates (PEP 383). A CSV is UTF-8
+text, so a path is written as the UTF-8 text of its bytes, unchanged, unless its bytes are not valid UTF-8, or it
+holds a line break (CR or LF), or it starts with :data:`ESCAPED_PATH_PREFIX` (``fsbytes:``). Then it is written as
+``fsbytes:`` followed by its bytes, where each backslash is written ``\\``, each CR ``\x0d``, each LF ``\x0a``,
+each byte that is not part of valid UTF-8 ``\xhh`` (two lowercase hex digits), and everything else as its UTF-8
+text. For example ``b'/photos/caf\xe9.png'`` is written ``fsbytes:/photos/caf\xe9.png``, while a UTF-8 name
+that really is ``/photos/caf\xe9.png`` is written as it is. Text not starting with the prefix is never unescaped,
+and names that start with it are always escaped, so the encoding is lossless and no two names share a text;
+``--resume`` decodes it back to the bytes and matches the files by them. Failure reasons (the ``errors`` column)
+and console messages show such bytes as ``\xhh`` too, and control characters escaped, for reading only.
 """
 from __future__ import annotations
 
@@ -35,7 +47,8 @@ import torch
 
 from . import distributed
 from .checkpointing import atomic_write
-from .data.image_io import ImageReadError, decode_image, list_images, unit_float
+from .data.image_io import (ImageReadError, NotARegularFileError, decode_image, file_kind, list_images,
+                             open_regular_file, printable, unit_float)
 
 #: Pixels (per channel) of native-resolution images held before a chunk is scored, whatever the batch size.
 MAX_CHUNK_PIXELS = 48_000_000
@@ -45,6 +58,10 @@ FIXED_RESIZE_ATTRIBUTE = 'fixed_input_resize'
 IMAGE_LIST_EXTENSIONS = ('.txt',)
 #: At most this many decoding workers by default (a GPU rarely needs more to stay busy).
 MAX_DEFAULT_WORKERS = 16
+#: A path in a score CSV starting with this is written escaped (see the module docstring).
+ESCAPED_PATH_PREFIX = 'fsbytes:'
+#: The longest field (characters) a score CSV read back may hold; a longer one means it is not a score CSV.
+MAX_CSV_FIELD = 1 << 24
 
 
 @dataclass
@@ -83,13 +100,15 @@ class ImageResult:
 
 # ------------------------------------------------------------------------------------------------- the images
 def read_image_list(path: str) -> List[str]:
-    """Image paths listed one per line in ``path``; relative ones are relative to the list's folder."""
+    """Image paths listed one per line in ``path``; relative ones are relative to the list's folder.
+
+    Lines are file names as the file system has them (bytes, as ``find`` prints them; not UTF-8 is fine)."""
     folder = os.path.dirname(path)
     try:
-        with open(path, encoding='utf-8') as handle:
-            lines = [line.rstrip('\r\n') for line in handle]
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f'cannot read the image list {path}: {error}') from error
+        with open_regular_file(path) as handle:
+            lines = [os.fsdecode(line.rstrip(b'\r')) for line in handle.read().split(b'\n')]
+    except OSError as error:
+        raise ValueError(f'cannot read the image list {printable(path)}: {error}') from error
     images: List[str] = []
     first_line: Dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
@@ -97,11 +116,12 @@ def read_image_list(path: str) -> List[str]:
             continue
         image = os.path.join(folder, line.strip())
         if image in first_line:
-            raise ValueError(f'image list {path} names {image} twice (lines {first_line[image]} and {number})')
+            raise ValueError(f'image list {printable(path)} names {printable(image)} twice (lines '
+                             f'{first_line[image]} and {number})')
         first_line[image] = number
         images.append(image)
     if not images:
-        raise ValueError(f'image list {path} names no image')
+        raise ValueError(f'image list {printable(path)} names no image')
     return images
 
 
@@ -113,19 +133,20 @@ def collect_targets(target: str) -> List[str]:
 
 
 def _collect(path: str, what: str) -> List[str]:
+    """The images of a folder, or ``[path]`` for a file of any kind (reading reports one that is not regular)."""
     if os.path.isdir(path):
         found = list_images(path)
         if not found:
-            raise FileNotFoundError(f'no image files found in {what} folder {path}')
+            raise FileNotFoundError(f'no image files found in {what} folder {printable(path)}')
         return found
-    if os.path.isfile(path):
+    if os.path.exists(path):
         return [path]
-    raise FileNotFoundError(f'{what} {path} does not exist')
+    raise FileNotFoundError(f'{what} {printable(path)} does not exist')
 
 
 def _pair_references(targets: List[str], target_root: str, ref_path: str, report: ScoreReport) -> List[str]:
     """Match each target with a reference: the same file, or the same relative path / file name in a folder."""
-    if os.path.isfile(ref_path):
+    if os.path.exists(ref_path) and not os.path.isdir(ref_path):
         for target in targets:
             report.refs[target] = ref_path
         return targets
@@ -142,7 +163,7 @@ def _pair_references(targets: List[str], target_root: str, ref_path: str, report
         if match is None and len(candidates) == 1:
             match = candidates[0]
         if match is None:
-            report.add_error('*', target, f'no reference image with the same name in {ref_path}')
+            report.add_error('*', target, f'no reference image with the same name in {printable(ref_path)}')
         else:
             report.refs[target] = match
             paired.append(target)
@@ -151,8 +172,9 @@ def _pair_references(targets: List[str], target_root: str, ref_path: str, report
 
 # ---------------------------------------------------------------------------------------------- the metrics
 def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
-    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts)."""
-    import yaml
+    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts),
+    read by the one bounded, safe YAML reader of :mod:`pyiqa_grmp.options`."""
+    from .options import load_yaml_text
 
     options: Dict[str, Dict[str, object]] = {}
     for spec in specs:
@@ -160,10 +182,7 @@ def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
         key, eq, value = assignment.partition('=')
         if not (sep and eq and name and key):
             raise ValueError(f'--metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
-        try:
-            options.setdefault(name, {})[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ValueError(f'--metric-opt {spec!r}: value is not valid YAML ({error})') from error
+        options.setdefault(name, {})[key.strip()] = load_yaml_text(value, f'--metric-opt {spec!r}: value')
     return options
 
 
@@ -177,10 +196,13 @@ def create_metrics(names: Sequence[str], options: Dict[str, Dict[str, object]], 
     """
     import pyiqa
 
+    from .trusted_loading import trusted_loading
+
     metrics: Dict[str, object] = OrderedDict()
     for name in names:
         try:
-            metric = pyiqa.create_metric(pyiqa_name(name), device=device, **options.get(name, {}))
+            with trusted_loading(options.get(name, {})):
+                metric = pyiqa.create_metric(pyiqa_name(name), device=device, **options.get(name, {}))
         except Exception as error:
             report.add_error(name, '*', f'cannot create metric: {type(error).__name__}: {error}')
             continue
@@ -475,8 +497,43 @@ def csv_header(metrics: Sequence[str]) -> List[str]:
     return ['image', 'reference', *metrics, 'errors']
 
 
+def encode_path(path: str) -> str:
+    """The text of ``path`` in a score CSV: its name as it is, or escaped (see the module docstring)."""
+    raw = os.fsencode(path)
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and not text.startswith(ESCAPED_PATH_PREFIX) and '\n' not in text and '\r' not in text:
+        return text
+    body = raw.replace(b'\\', b'\\\\').replace(b'\r', b'\\x0d').replace(b'\n', b'\\x0a')
+    return ESCAPED_PATH_PREFIX + re.sub('[\udc80-\udcff]', lambda match: f'\\x{ord(match.group()) - 0xDC00:02x}',
+                                        body.decode('utf-8', 'surrogateescape'))
+
+
+_ESCAPE = re.compile(r'\\(?:(\\)|x([0-9a-f]{2}))?')
+
+
+def decode_path(text: str) -> str:
+    """The path a score CSV's text names (the inverse of :func:`encode_path`); ValueError for a bad escape."""
+    if not text.startswith(ESCAPED_PATH_PREFIX):
+        return os.fsdecode(text.encode('utf-8'))
+    body, raw, position = text[len(ESCAPED_PATH_PREFIX):], bytearray(), 0
+    for match in _ESCAPE.finditer(body):
+        raw += body[position:match.start()].encode('utf-8')
+        if match.group(1):
+            raw += b'\\'
+        elif match.group(2):
+            raw.append(int(match.group(2), 16))
+        else:
+            raise ValueError(f'the path {text!r} has a backslash that starts neither \\\\ nor \\xhh')
+        position = match.end()
+    raw += body[position:].encode('utf-8')
+    return os.fsdecode(bytes(raw))
+
+
 def _one_line(text: str) -> str:
-    return text.replace('\r', ' ').replace('\n', ' ')
+    return printable(text.replace('\r', ' ').replace('\n', ' '))
 
 
 def _reason_text(metric: str, reason: str) -> str:
@@ -485,7 +542,8 @@ def _reason_text(metric: str, reason: str) -> str:
 
 def _row(image: str, reference: str, scores: Dict[str, float], metrics: Sequence[str],
          reasons: Sequence[Tuple[str, str]]) -> List[str]:
-    return [image, reference, *[f'{scores[m]:.6g}' if m in scores else '' for m in metrics],
+    return [encode_path(image), encode_path(reference) if reference else '',
+            *[f'{scores[m]:.6g}' if m in scores else '' for m in metrics],
             ' | '.join(_reason_text(m, r) for m, r in reasons)]
 
 
@@ -500,11 +558,8 @@ def write_csv(report: ScoreReport, path: str) -> None:
 
 def _write_atomically(path: str, header: List[str], rows: Sequence[List[str]]) -> None:
     """The CSV written whole, atomically (see :func:`pyiqa_grmp.checkpointing.atomic_write`)."""
-    text = io.StringIO(newline='')
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write(path, lambda handle: handle.write(text.getvalue().encode('utf-8')))
+    data = _csv_bytes([header, *rows])
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def part_file(csv_path: str, rank: int) -> str:
@@ -521,46 +576,104 @@ def existing_part_files(csv_path: str) -> List[str]:
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if pattern.match(name))
 
 
-def _complete_length(path: str) -> int:
-    """Bytes of ``path`` up to its last complete line (a killed run may leave half a row)."""
-    with open(path, 'rb') as handle:
-        data = handle.read()
-    return data.rfind(b'\n') + 1
+def _complete_rows(path: str) -> bytes:
+    """The bytes of a score CSV up to its last complete line (a killed run may leave half a row)."""
+    try:
+        with open_regular_file(path) as handle:
+            data = handle.read()
+    except NotARegularFileError as error:
+        raise ValueError(f'the score CSV {error}') from error
+    except OSError as error:
+        raise ValueError(f'cannot read the score CSV {printable(path)}: {error.strerror or error}') from error
+    return data[:data.rfind(b'\n') + 1]
 
 
 def read_rows(path: str, header: List[str]) -> Dict[str, List[str]]:
-    """The complete rows of a score CSV or part file, by image; refuses a file written for other columns."""
-    with open(path, 'rb') as handle:
-        text = handle.read()[:_complete_length(path)].decode('utf-8')
-    table = list(csv.reader(text.splitlines()))
+    """The complete rows of a score CSV or part file, as written, by the image they name (:func:`decode_path`).
+
+    A file written for other columns, or that is not a score CSV (not UTF-8, NUL bytes, fields that are not
+    CSV or too long, scores that are not numbers, bad path escapes), is a ValueError naming the file and line.
+    """
+    data = _complete_rows(path)
+    name = printable(path)
+    refusal = 'it is not a score CSV written by this command: give another --csv, or drop --resume to overwrite it'
+    if b'\x00' in data:
+        raise ValueError(f'{name} line {_line_at(data, data.index(0))} holds a NUL byte: {refusal}')
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as error:
+        raise ValueError(f'{name} line {_line_at(data, error.start)} is not UTF-8 text: {refusal}') from error
+    reader = csv.reader(io.StringIO(text, newline=''), strict=True)
+    limit = csv.field_size_limit(MAX_CSV_FIELD)
+    try:
+        table = [(reader.line_num, row) for row in reader]
+    except csv.Error as error:
+        raise ValueError(f'{name} line {reader.line_num}: {error}: {refusal}') from error
+    finally:
+        csv.field_size_limit(limit)
     if not table:
         return {}
-    if table[0] != header:
-        found = table[0][2:-1] if table[0][:2] == ['image', 'reference'] else table[0]
-        raise ValueError(f'{path} was written for the metrics {found}, not {header[2:-1]}: give another --csv, or '
+    if table[0][1] != header:
+        found = table[0][1][2:-1] if table[0][1][:2] == ['image', 'reference'] else table[0][1]
+        raise ValueError(f'{name} was written for the metrics {found}, not {header[2:-1]}: give another --csv, or '
                          'drop --resume to overwrite it')
     rows: Dict[str, List[str]] = {}
-    for number, row in enumerate(table[1:], start=2):
+    for number, row in table[1:]:
         if len(row) != len(header):
-            raise ValueError(f'{path} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
+            raise ValueError(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
                              'CSV of these metrics')
-        rows.setdefault(row[0], row)
+        for metric, value in zip(header[2:-1], row[2:-1]):
+            try:
+                float(value or 0)
+            except ValueError:
+                raise ValueError(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
+                                 f'number: {refusal}') from None
+        try:
+            image = decode_path(row[0])
+            decode_path(row[1])
+        except ValueError as error:
+            raise ValueError(f'{name} line {number}: {printable(str(error))}: {refusal}') from None
+        rows.setdefault(image, row)
     return rows
 
 
+def _line_at(data: bytes, offset: int) -> int:
+    return data.count(b'\n', 0, offset) + 1
+
+
+def _csv_bytes(rows: Sequence[List[str]]) -> bytes:
+    text = io.StringIO(newline='')
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode('utf-8')
+
+
 class RowLog:
-    """Rows appended to a CSV file and flushed as they come, after the header; resumes after the last full row."""
+    """Rows appended to a CSV file and flushed as they come, after the header; resumes after the last full row.
+
+    The file is never written through a symbolic link: a link at ``path`` is replaced by a regular file (that
+    holds the rows of the link's file when resuming), and the link's target is left as it was.
+    """
 
     def __init__(self, path: str, header: List[str], resume: bool) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        keep = _complete_length(path) if resume and os.path.exists(path) else 0
-        self.handle = open(path, 'r+' if keep else 'w', newline='', encoding='utf-8')
-        self.handle.truncate(keep)
-        self.handle.seek(keep)
+        keep = _complete_rows(path) if resume and os.path.exists(path) else b''
+        if not keep or os.path.islink(path):
+            start = keep or _csv_bytes([header])
+            atomic_write(path, lambda handle: handle.write(start))
+            keep = start
+        try:  # a link or a FIFO put there meanwhile is refused, not followed or waited on
+            descriptor = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            raise ValueError(f'cannot write the score CSV {printable(path)}: {error.strerror}') from error
+        kind = file_kind(os.fstat(descriptor).st_mode)
+        if kind != 'regular file':
+            os.close(descriptor)
+            raise ValueError(f'cannot write the score CSV {printable(path)}: it is a {kind}')
+        os.set_blocking(descriptor, True)
+        self.handle = os.fdopen(descriptor, 'w', newline='', encoding='utf-8')
+        self.handle.truncate(len(keep))
+        self.handle.seek(len(keep))
         self.writer = csv.writer(self.handle)
-        if not keep:
-            self.writer.writerow(header)
-        self.handle.flush()
 
     def append(self, rows: Sequence[List[str]]) -> None:
         self.writer.writerows(rows)
@@ -583,6 +696,10 @@ class _Plan:
 
 
 def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional[str], resume: bool) -> _Plan:
+    if csv_path and os.path.lexists(csv_path) and not os.path.islink(csv_path):
+        kind = file_kind(os.lstat(csv_path).st_mode)
+        if kind != 'regular file':
+            raise ValueError(f'--csv {printable(csv_path)} is a {kind}, not a regular file: give another --csv')
     images = collect_targets(target)
     pairing = ScoreReport(images=images, refs={}, metrics=[])
     if ref:
@@ -607,13 +724,14 @@ def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional
 def _check_kept_rows(kept: Dict[str, List[str]], images: set, refs: Dict[str, str], csv_path: str) -> None:
     strangers = [image for image in kept if image not in images]
     if strangers:
-        raise ValueError(f'{csv_path} (or its part files) has rows for {len(strangers)} images that are not in this '
-                         f'target, e.g. {strangers[0]}: it was written for another target; give another --csv, or '
-                         'drop --resume to overwrite it')
+        raise ValueError(f'{printable(csv_path)} (or its part files) has rows for {len(strangers)} images that are '
+                         f'not in this target, e.g. {printable(strangers[0])}: it was written for another target; '
+                         'give another --csv, or drop --resume to overwrite it')
     for image, row in kept.items():
-        if row[1] != refs.get(image, ''):
-            raise ValueError(f'{csv_path}: {image} was scored against the reference {row[1]!r}, this run pairs it '
-                             f'with {refs.get(image, "")!r}; give another --csv, or drop --resume to overwrite it')
+        if decode_path(row[1]) != refs.get(image, ''):
+            raise ValueError(f'{printable(csv_path)}: {printable(image)} was scored against the reference '
+                             f'{printable(row[1])!r}, this run pairs it with {printable(refs.get(image, ""))!r}; give '
+                             'another --csv, or drop --resume to overwrite it')
 
 
 def _parse_kept(row: List[str], metrics: Sequence[str], creation: set) -> Tuple[Dict[str, float], list]:
@@ -738,7 +856,7 @@ def _write_final_csv(csv_path: str, header: List[str], plan: _Plan, gathered: li
             creation, result = new[index]
             rows.append(_row(image, plan.refs.get(image, ''), result.scores, metrics, creation + result.errors))
         else:
-            raise RuntimeError(f'internal error: no row for {image}')
+            raise RuntimeError(f'internal error: no row for {printable(image)}')
     _write_atomically(csv_path, header, rows)
     for path in existing_part_files(csv_path):
         os.remove(path)

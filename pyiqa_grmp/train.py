@@ -30,6 +30,7 @@ from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerp
 from .data.samplers import ResumableSampler, SeededItems
 from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
 from .options import ConfigError, dump_yaml, parse_training_argv, prepare_options
+from .trusted_loading import trusted_loading
 
 #: ``--launcher`` values (pyiqa's names) -> the launchers of :mod:`pyiqa_grmp.distributed`.
 LAUNCHERS = {'none': None, 'pytorch': 'torchrun', 'slurm': 'slurm'}
@@ -146,7 +147,8 @@ def build_train_loader(opt: dict, dataset_opt: dict):
     from pyiqa.data import build_dataset
     from pyiqa.data.prefetch_dataloader import PrefetchDataLoader
 
-    train_set = build_dataset(dataset_opt)
+    with trusted_loading():
+        train_set = build_dataset(dataset_opt)
     ratio = int(dataset_opt.get('dataset_enlarge_ratio', 1))
     shuffle, seed = dataset_opt.get('use_shuffle', True), int(opt['manual_seed'])
     if hasattr(train_set, 'round_sampler'):  # meta-training: every task once per round, whatever the ranks
@@ -284,13 +286,15 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
 
     train_opt = opt['datasets']['train']
     train_set, sampler, train_loader, total_epochs, total_iters = build_train_loader(opt, train_opt)
-    val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'], sampler=None,
-                                    seed=opt['manual_seed'])
-                   for phase, d in opt['datasets'].items() if phase.startswith('val')]
+    with trusted_loading():
+        val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'],
+                                        sampler=None, seed=opt['manual_seed'])
+                       for phase, d in opt['datasets'].items() if phase.startswith('val')]
     logger.info(f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
                 f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
                 f'{total_iters} iterations')
-    model = build_model(opt)
+    with trusted_loading():
+        model = build_model(opt)
     model.resume_fingerprint = resume_fingerprint(opt)
     start_epoch, current_iter, position = 0, 0, 0
     if state is not None:
@@ -409,8 +413,9 @@ def evaluate_checkpoint(network_opt: dict, checkpoint: str, dataset_opt: dict, d
 
     network_opt = copy.deepcopy(network_opt)
     network_opt.update(pretrained=True, pretrained_model_path=checkpoint)
-    net = build_network(network_opt).to(device).eval()
-    dataset = build_dataset(copy.deepcopy(dataset_opt))
+    with trusted_loading():
+        net = build_network(network_opt).to(device).eval()
+        dataset = build_dataset(copy.deepcopy(dataset_opt))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     result = predict_loader(net, loader, device)
     pred, mos = result['pred'], result['mos']

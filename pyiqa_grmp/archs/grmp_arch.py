@@ -20,8 +20,9 @@ from torch import nn
 
 from ..precision import PRECISION_DTYPES, autocast, check_precision
 from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
-from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, mismatch_error,
-                         read_grmp_checkpoint)
+from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, UnsafeCheckpointError,
+                         mismatch_error, read_grmp_checkpoint)
+from .pickled_module import TorchScriptArchiveError
 from .prompts import DeepVisualPrompts, TextPromptLearner
 
 QUALITY_CLASS_NAMES = ('high quality', 'low quality')
@@ -105,7 +106,11 @@ def _grmp_backbone_state(path: Optional[str]) -> Optional[Dict[str, torch.Tensor
         return None
     try:
         state = read_grmp_checkpoint(path).state_dict
-    except CheckpointMismatchError:  # not a plain state dict (e.g. OpenAI's TorchScript archive): open_clip's job
+    except UnsafeCheckpointError as error:  # a hostile file is refused here, never handed on to open_clip
+        if isinstance(error.__cause__, TorchScriptArchiveError):  # OpenAI's own CLIP weights: open_clip's job
+            return None
+        raise
+    except CheckpointMismatchError:  # not a GRMP-IQA state dict: open_clip's job
         return None
     prefix = 'clip.'
     backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}

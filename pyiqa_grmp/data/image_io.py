@@ -1,9 +1,17 @@
-"""Reading image files into tensors the way IQA users expect: any PIL mode, EXIF orientation applied."""
+"""Reading image files into tensors the way IQA users expect: any PIL mode, EXIF orientation applied.
+
+Only regular files (or links to them) are ever opened: a FIFO, socket or device named like an image is an
+:class:`ImageReadError` naming the file and its kind, checked before opening and again on the open descriptor
+(opened non-blocking, so that a file swapped in meanwhile cannot hang the reader). An image of more than
+:data:`MAX_IMAGE_PIXELS` pixels (Pillow's decompression-bomb bound) is refused the same way, before it is decoded.
+"""
 from __future__ import annotations
 
 import os
+import re
+import stat
 import warnings
-from typing import List
+from typing import BinaryIO, List
 
 import numpy as np
 import torch
@@ -12,14 +20,74 @@ from PIL import Image, ImageOps
 #: The EXIF tag of the orientation (1: as stored).
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.gif', '.ppm', '.pgm', '.jp2')
+#: Images of more pixels than this are refused unread (Pillow's own error bound, whatever ``Image.MAX_IMAGE_PIXELS``).
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+_FILE_KINDS = ((stat.S_ISDIR, 'folder'), (stat.S_ISFIFO, 'FIFO'), (stat.S_ISSOCK, 'socket'),
+               (stat.S_ISCHR, 'character device'), (stat.S_ISBLK, 'block device'))
+_UNPRINTABLE = re.compile('[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]')
 
 
 class ImageReadError(ValueError):
     """An image file could not be decoded; the message names the file."""
 
 
+class NotARegularFileError(OSError):
+    """A path names a FIFO, socket, device or folder where a regular file is needed; the message names it."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f'{printable(path)} is not a regular file but a {kind}')
+        self.path, self.kind = path, kind
+
+    def __reduce__(self):  # picklable, e.g. out of a DataLoader worker
+        return type(self), (self.path, self.kind)
+
+
+def file_kind(mode: int) -> str:
+    """'regular file', or what else an ``st_mode`` describes ('FIFO', 'socket', 'character device', ...)."""
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), 'regular file' if stat.S_ISREG(mode) else
+                'special file')
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """``path`` opened for binary reading if it is a regular file (or a link to one), else
+    :class:`NotARegularFileError`; a FIFO, socket or device is never opened, and the open cannot block."""
+    kind = file_kind(os.stat(path).st_mode)
+    if kind != 'regular file':
+        raise NotARegularFileError(path, kind)
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = file_kind(os.fstat(descriptor).st_mode)  # replaced since the stat?
+        if kind != 'regular file':
+            raise NotARegularFileError(path, kind)
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, 'rb')
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` with each byte of a file name that is not UTF-8 (a lone surrogate U+DC80-U+DCFF, PEP 383) as
+    ``\\xhh``, and any other lone surrogate as ``\\udxxx``, so that it can be written as UTF-8."""
+    return re.sub('[\ud800-\udfff]', _escaped, text)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal or a one-line message: :func:`escape_undecodable`, and control characters
+    (all but tab, e.g. newlines and terminal escapes) as ``\\xhh``."""
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f'\\x{code - 0xDC00:02x}'
+    return f'\\x{code:02x}' if code < 0x100 else f'\\u{code:04x}'
+
+
 def list_images(folder: str) -> List[str]:
-    """All files with an image extension under ``folder`` (recursive, sorted)."""
+    """Everything but folders with an image extension under ``folder`` (recursive, sorted): files that are not
+    regular are listed too, so that reading them reports them by name (:func:`decode_image` never opens them)."""
     found = []
     for root, _, files in os.walk(folder):
         found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -33,10 +101,15 @@ def decode_image(path: str, shared: bool = False) -> torch.Tensor:
     EXIF orientation is applied; grey, palette, CMYK and alpha images become RGB (alpha is dropped, as pyiqa
     does). Keeping 8-bit pixels as uint8 makes a decoded image 4x smaller to pass between processes and leaves
     the float conversion (:func:`unit_float`) to wherever it is cheapest, e.g. a GPU. ``shared`` puts an 8-bit
-    image straight into shared memory, so that a data-loading worker passes it on without another copy.
+    image straight into shared memory, so that a data-loading worker passes it on without another copy. A file
+    that is not regular, or has more than :data:`MAX_IMAGE_PIXELS` pixels, is an :class:`ImageReadError`.
     """
     try:
-        with Image.open(path) as image:
+        with open_regular_file(path) as stream, Image.open(stream) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f'image size ({image.width * image.height} pixels, {image.width}x{image.height}) exceeds the '
+                    f'limit of {MAX_IMAGE_PIXELS} pixels (a decompression bomb?)')
             if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 image = ImageOps.exif_transpose(image)  # a transposed copy; without a rotation it would copy too
             image.load()
@@ -48,11 +121,17 @@ def decode_image(path: str, shared: bool = False) -> torch.Tensor:
             else:
                 rgb = image if image.mode == 'RGB' else image.convert('RGB')
                 return _rgb_tensor(rgb.tobytes(), rgb.height, rgb.width, shared)
+    except NotARegularFileError as error:
+        raise ImageReadError(f'cannot read image {printable(path)}: not a regular file but a '
+                             f'{error.kind}') from error
+    except Image.UnidentifiedImageError as error:  # Pillow names the open stream, not the path
+        raise ImageReadError(f'cannot read image {printable(path)}: UnidentifiedImageError: cannot identify image '
+                             f"file '{printable(path)}'") from error
     except Exception as error:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
-        raise ImageReadError(f'cannot read image {path}: {type(error).__name__}: {error}') from error
+        raise ImageReadError(f'cannot read image {printable(path)}: {type(error).__name__}: {error}') from error
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     if not torch.isfinite(tensor).all():
-        raise ImageReadError(f'image {path} contains NaN or Inf values')
+        raise ImageReadError(f'image {printable(path)} contains NaN or Inf values')
     return tensor.clamp_(0.0, 1.0)
 
 

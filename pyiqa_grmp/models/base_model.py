@@ -17,7 +17,7 @@ from pyiqa.models.general_iqa_model import GeneralIQAModel
 from pyiqa.utils import get_root_logger
 from torch import nn
 
-from ..checkpointing import STATE_FORMAT, atomic_torch_save
+from ..checkpointing import STATE_FORMAT, ResumeError, atomic_torch_save
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
 from ..reporting import METRICS_FILE, MetricsLog
 
@@ -238,15 +238,26 @@ class GRMPBaseModel(GeneralIQAModel):
 
     def resume_training(self, resume_state: dict) -> None:
         """Restore the network weights of the state's iteration, optimizers, schedulers, best results and the
-        model's own state (pyiqa restores only optimizers and schedulers)."""
+        model's own state (pyiqa restores only optimizers and schedulers). The model's own state is restored
+        (and checked) before the optimizers, so a state of another model is a :class:`ResumeError` naming what
+        differs, not an optimizer's error."""
         weights = os.path.join(self.opt['path']['models'], f'net_{resume_state["iter"]}.pth')
         if not os.path.isfile(weights):
             raise FileNotFoundError(f'cannot resume: network weights {weights} of iteration {resume_state["iter"]} '
                                     'are missing')
         self.get_bare_model(self.net).load_checkpoint(weights)
+        where = f'cannot resume from the training state of iteration {resume_state["iter"]}'
+        extra = resume_state.get('grmp', {})
+        try:
+            self.restore_extra_training_state(extra.get('model', {}))
+        except ResumeError as error:
+            raise ResumeError(f'{where}: {error}') from None
+        for what, held, ours in (('optimizers', resume_state.get('optimizers'), self.optimizers),
+                                 ('schedulers', resume_state.get('schedulers'), self.schedulers)):
+            if not isinstance(held, list) or len(held) != len(ours):
+                count = len(held) if isinstance(held, list) else 'no list of'
+                raise ResumeError(f'{where}: it holds {count} {what}, this model has {len(ours)}')
         super().resume_training(resume_state)
         self.current_epoch = int(resume_state.get('epoch', 0))
-        extra = resume_state.get('grmp', {})
         self.best_monitor = extra.get('best_monitor', self.best_monitor)
         self.best_metric_results = extra.get('best_metric_results') or {}
-        self.restore_extra_training_state(extra.get('model', {}))

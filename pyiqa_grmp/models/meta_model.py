@@ -20,6 +20,7 @@ import torch
 from pyiqa.utils import get_root_logger
 
 from ..archs.grmp_arch import random_crop_and_flip, square_resize
+from ..checkpointing import ResumeError
 from ..data.samplers import item_seed
 from ..distributed import all_reduce_sum_
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
@@ -64,6 +65,7 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         net = self.get_bare_model(self.net)
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith(PROMPT_PREFIXES))
+        self.prompt_names = [n for n, _ in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
         self.prompt_params = [p for n, p in net.named_parameters() if n.startswith(PROMPT_PREFIXES)]
         self.theta = [p.detach().clone() for p in self.prompt_params]
         self.snapshot_sums: Dict[int, List[torch.Tensor]] = {}
@@ -199,13 +201,39 @@ class GRMPMetaPromptModel(GRMPBaseModel):
                 'snapshot_sums': {str(s): [t.cpu() for t in v] for s, v in self.snapshot_sums.items()},
                 'snapshot_counts': {str(s): c for s, c in self.snapshot_counts.items()}}
 
+    def _check_prompt_tensors(self, what: str, tensors) -> None:
+        """``tensors`` (a part of a training state) must match the prompt tensors one to one, in shape."""
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != len(self.prompt_params):
+            held = f'{len(tensors)} tensors' if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+            raise ResumeError(f'its {what} holds {held}, this model has {len(self.prompt_params)} prompt tensors')
+        differ = [f'{name}: {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} in the state, '
+                  f'{tuple(p.shape)} in the model'
+                  for name, p, t in zip(self.prompt_names, self.prompt_params, tensors)
+                  if not isinstance(t, torch.Tensor) or t.shape != p.shape]
+        if differ:
+            raise ResumeError(f'its {what} differs from the prompt tensors of this model ({len(differ)} of '
+                              f'{len(tensors)}): ' + '; '.join(differ[:5]) + (' ...' if len(differ) > 5 else ''))
+
     def restore_extra_training_state(self, state: dict) -> None:
-        """The saved network holds theta; the inner prompts and snapshot sums come from the state."""
+        """The saved network holds theta; the inner prompts and snapshot sums come from the state, each checked
+        against the model's prompt tensors first (:class:`ResumeError` naming what differs)."""
         if not state:
             return
+        missing = [key for key in ('theta', 'inner', 'snapshot_sums', 'snapshot_counts') if key not in state]
+        if missing:
+            raise ResumeError(f'it is no meta-training state: {missing} missing')
+        self._check_prompt_tensors('theta', state['theta'])
+        self._check_prompt_tensors('inner', state['inner'])
+        sums, counts = state['snapshot_sums'], state['snapshot_counts']
+        if not isinstance(sums, dict) or not isinstance(counts, dict) or set(sums) != set(counts) or not all(
+                isinstance(s, str) and s.isdigit() and isinstance(c, int) for s, c in counts.items()):
+            raise ResumeError('its snapshot_sums and snapshot_counts must name the same sources (source index: '
+                              'tensors, source index: count)')
+        for source, tensors in sums.items():
+            self._check_prompt_tensors(f'snapshot_sums of source {source}', tensors)
         with torch.no_grad():
             self.theta = [t.to(self.device).clone() for t in state['theta']]
             for param, value in zip(self.prompt_params, state['inner']):
                 param.copy_(value)
-        self.snapshot_sums = {int(s): [t.to(self.device) for t in v] for s, v in state['snapshot_sums'].items()}
-        self.snapshot_counts = {int(s): c for s, c in state['snapshot_counts'].items()}
+        self.snapshot_sums = {int(s): [t.to(self.device) for t in v] for s, v in sums.items()}
+        self.snapshot_counts = {int(s): c for s, c in counts.items()}
