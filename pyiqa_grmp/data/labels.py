@@ -146,6 +146,13 @@ def _row_filter_mask(table: pd.DataFrame, row_filter: Optional[Mapping]) -> np.n
     return keep
 
 
+def _position(table: pd.DataFrame, column: Column) -> Optional[int]:
+    """The 0-based position of a column given by position or by name; None when the table has no such column."""
+    if isinstance(column, str):
+        return table.columns.get_loc(column) if column in table.columns else None
+    return column if 0 <= column < table.shape[1] else None
+
+
 def _place(column: Column) -> str:
     return f'column {column + 1}' if isinstance(column, int) else f'column {column!r}'
 
@@ -154,6 +161,27 @@ def _layout_text(columns: Mapping[str, Column]) -> str:
     """'the image path in column 1 and the score in column 2', for the messages."""
     parts = [f'the {role}{" path" if role != "score" else ""} in {_place(column)}' for role, column in columns.items()]
     return ', '.join(parts[:-1]) + ' and ' + parts[-1]
+
+
+def _checked_scores(table: pd.DataFrame, position: int, meta_info: str, layout_text: str,
+                    require_varying: bool) -> np.ndarray:
+    """The score column as floats; LabelTableError when it is not numeric, some rows are not (named by their
+    line in the file), or, with ``require_varying``, every score is the same."""
+    name = table.columns[position]
+    scores = pd.to_numeric(table.iloc[:, position], errors='coerce').to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size == len(scores):
+        raise LabelTableError(
+            f'meta info CSV {meta_info} has no numeric score column: column {position + 1} ({name!r}) must hold the '
+            f'scores (MOS), but it holds e.g. {table.iat[0, position]!r}; the layout is: rows with {layout_text}')
+    if bad.size:
+        lines = (table.index[bad[:LISTED_LINES]] + 2).tolist()  # line 1 is the header
+        raise LabelTableError(f'meta info CSV {meta_info}: {bad.size} rows have a missing or non-numeric score '
+                              f'(empty, text, NaN or Inf) in column {name!r}, e.g. on lines {lines}')
+    if require_varying and np.ptp(scores) == 0:
+        raise LabelTableError(f'meta info CSV {meta_info}: every score in column {name!r} is {scores[0]:g}; a '
+                              'constant MOS gives nothing to learn or to correlate with')
+    return scores
 
 
 def read_label_table(meta_info: str, root: str, *, layout: str = 'nr', image_column: Optional[Column] = None,
@@ -184,30 +212,15 @@ def read_label_table(meta_info: str, root: str, *, layout: str = 'nr', image_col
         raise LabelTableError(f'meta info CSV {meta_info} cannot be read as CSV: {error}') from error
     if table.empty:
         raise LabelTableError(f'meta info CSV {meta_info} has no rows')
-    positions = {}
-    for role, column in columns.items():
-        if (column not in table.columns) if isinstance(column, str) else not 0 <= column < table.shape[1]:
+    positions = {role: _position(table, column) for role, column in columns.items()}
+    for role, position in positions.items():
+        if position is None:
             raise LabelTableError(
                 f'meta info CSV {meta_info} has no {role} column: it needs a header and rows with '
                 f'{_layout_text(columns)}; it has {table.shape[1]} column(s) {list(table.columns)} and {len(table)} '
                 'rows')
-        positions[role] = table.columns.get_loc(column) if isinstance(column, str) else column
     table = table[_row_filter_mask(table, row_filter)]
-    name = table.columns[positions['score']]
-    scores = pd.to_numeric(table.iloc[:, positions['score']], errors='coerce').to_numpy(dtype=float)
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size == len(scores):
-        raise LabelTableError(
-            f'meta info CSV {meta_info} has no numeric score column: column {positions["score"] + 1} ({name!r}) must '
-            f'hold the scores (MOS), but it holds e.g. {table.iat[0, positions["score"]]!r}; the layout is: rows '
-            f'with {_layout_text(columns)}')
-    if bad.size:
-        lines = (table.index[bad[:LISTED_LINES]] + 2).tolist()  # line 1 is the header
-        raise LabelTableError(f'meta info CSV {meta_info}: {bad.size} rows have a missing or non-numeric score '
-                              f'(empty, text, NaN or Inf) in column {name!r}, e.g. on lines {lines}')
-    if require_varying and np.ptp(scores) == 0:
-        raise LabelTableError(f'meta info CSV {meta_info}: every score in column {name!r} is {scores[0]:g}; a '
-                              'constant MOS gives nothing to learn or to correlate with')
+    scores = _checked_scores(table, positions['score'], meta_info, _layout_text(columns), require_varying)
     table = table.reset_index(drop=True)
     images = [os.path.join(root, str(cell)) for cell in table.iloc[:, positions['image']]]
     references = None
