@@ -22,17 +22,18 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .data.fewshot_dataset import few_shot_split
+from .data.labels import LabelledImages, label_source, read_labels
 from .options import check_option_values
-from .reporting import (CURVES_FILE, METRICS_FILE, bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals,
-                        copy_atomically, correlation_values, plot_curves, read_metrics, scatter_before_after,
+from .reporting import (CURVES_FILE, METRICS_FILE, copy_atomically, plot_curves, read_metrics, scatter_before_after,
                         write_atomically)
+from .stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
 
 #: Fewest held-out test images for correlations worth reporting, and fewest carve-out images to choose on.
 MIN_TEST_IMAGES = 10
@@ -69,18 +70,6 @@ PRESET_HELP = {
 
 
 @dataclass
-class LabelledSet:
-    """The labelled images of a run: meta CSV, image folder, paths in CSV order, raw MOS, label direction."""
-
-    meta_info: str
-    root: str
-    paths: List[str]
-    mos: np.ndarray
-    lower_better: bool
-    description: str
-
-
-@dataclass
 class SplitPlan:
     """Row indices of the shots, the validation carve-out, the held-out test images and the unused rest."""
 
@@ -96,63 +85,28 @@ class SplitPlan:
 
 # ------------------------------------------------------------------------------------------------- the data
 def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dataset: Optional[str] = None,
-                data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledSet:
+                data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledImages:
     """Read and check the labels: column 0 the image path relative to the image folder, column 1 the score.
 
     Raises ValueError / FileNotFoundError naming the file and the problem: unreadable CSV, no numeric score
     column, missing or non-numeric scores, a constant score column.
     """
-    if (dataset is None) == (meta_info is None):
-        raise ValueError('give either --meta-info CSV --root DIR or --dataset NAME --data-root DIR')
-    info_lower_better = False
-    if dataset is not None:
-        from .comparison import _dataset_source
-
-        meta_info, root, references, info_lower_better = _dataset_source(dataset, data_root)
-        if references is not None:
-            raise ValueError(f'pyiqa dataset {dataset!r} has a full-reference layout (reference, image, score); '
-                             'adapt needs (image, score) rows: pass --meta-info and --root instead')
-        source = f'pyiqa dataset {dataset} (meta CSV {meta_info}, images under {root})'
-    else:
-        if root is None:
-            raise ValueError(f'--meta-info {meta_info} needs --root, the folder its image paths are relative to')
-        source = f'meta CSV {meta_info} (images under {root})'
-    meta_info, root = os.path.abspath(meta_info), os.path.abspath(root)
-    if not os.path.isfile(meta_info):
-        raise FileNotFoundError(f'meta info CSV {meta_info} not found')
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f'image folder {root} not found')
-    try:
-        table = pd.read_csv(meta_info)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f'meta info CSV {meta_info} cannot be read as CSV: {error}') from error
-    if table.shape[1] < 2 or table.empty:
-        raise ValueError(f'meta info CSV {meta_info} has no score column: it needs a header and rows of (image path, '
-                         f'score, ...); it has {table.shape[1]} column(s) {list(table.columns)} and {len(table)} rows')
-    column = table.columns[1]
-    scores = pd.to_numeric(table.iloc[:, 1], errors='coerce').to_numpy(dtype=float)
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size == len(scores):
-        raise ValueError(f'meta info CSV {meta_info} has no numeric score column: column 2 ({column!r}) must hold '
-                         f'the scores (MOS), but it holds e.g. {table.iat[0, 1]!r}; the layout is: image path, score, '
-                         f'any other columns')
-    if bad.size:
-        raise ValueError(f'meta info CSV {meta_info}: {bad.size} rows have a missing or non-numeric score in column '
-                         f'{column!r}, e.g. on lines {(bad[:5] + 2).tolist()}')
-    if np.ptp(scores) == 0:
-        raise ValueError(f'meta info CSV {meta_info}: every score in column {column!r} is {scores[0]:g}; a constant '
-                         'MOS gives nothing to learn or to correlate with')
-    direction = info_lower_better if lower_better is None else bool(lower_better)
-    paths = [os.path.join(root, str(name)) for name in table.iloc[:, 0]]
-    return LabelledSet(meta_info=meta_info, root=root, paths=paths, mos=scores, lower_better=direction,
-                       description=source)
+    source = label_source(dataset, data_root, meta_info, root)
+    if source.reference_root is not None:
+        raise ValueError(f'pyiqa dataset {dataset!r} has a full-reference layout (reference, image, score); '
+                         'adapt needs (image, score) rows: pass meta_info= and root= instead')
+    source = replace(source, meta_info=os.path.abspath(source.meta_info), root=os.path.abspath(source.root))
+    labels = read_labels(source, lower_better, require_varying=True)
+    if not os.path.isdir(source.root):
+        raise FileNotFoundError(f'image folder {source.root} not found')
+    return labels
 
 
-def plan_split(labels: LabelledSet, shots: str = 'all', test_ratio: float = 0.2, num_val: Optional[int] = None,
+def plan_split(labels: LabelledImages, shots: str = 'all', test_ratio: float = 0.2, num_val: Optional[int] = None,
                seed: int = 0) -> SplitPlan:
     """The shots / carve-out / held-out split of ``FewShotNRDataset`` for these options, checked for size and for
     MOS that vary within each part (``shots`` is a number or 'all': every pool image not in the carve-out)."""
-    total = len(labels.paths)
+    total = len(labels.images)
     if not 0 < test_ratio < 1:
         raise ValueError(f'--test-ratio must be between 0 and 1, got {test_ratio}')
     train_ratio = 1.0 - test_ratio
@@ -265,7 +219,7 @@ def batch_size(num_shots: int, max_batch: int) -> int:
     return num_shots // math.ceil(num_shots / max_batch)
 
 
-def build_options(labels: LabelledSet, plan: SplitPlan, preset: str, start: str, device: Optional[str],
+def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: str, device: Optional[str],
                   seed: int) -> dict:
     """The full training options of an adapt run (before ``--override`` and ``--set``)."""
     if preset not in PRESETS:
@@ -332,20 +286,10 @@ def usage_lines(model_path: str, network: Mapping) -> Dict[str, str]:
 # ----------------------------------------------------------------------------------------------- predicting
 def predict_test_split(options: dict, checkpoint: str, device: str) -> Dict[str, np.ndarray]:
     """Scores of ``checkpoint`` on the held-out test split of ``options``: paths, raw MOS and predictions."""
-    import torch
-    from pyiqa.archs import build_network
+    from .evaluation import predict_checkpoint
 
-    from .data.fewshot_dataset import FewShotNRDataset
-    from .models.base_model import predict_loader
-    from .trusted_loading import trusted_loading
-
-    network_opt = dict(copy.deepcopy(options['network']), pretrained=True, pretrained_model_path=checkpoint)
-    with trusted_loading(network_opt):
-        net = build_network(network_opt).to(device).eval()
     test_opt = dict(copy.deepcopy(options['datasets']['val']), name='test', phase='test', cache_images=False)
-    dataset = FewShotNRDataset(test_opt)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=False)
-    result = predict_loader(net, loader, device)
+    dataset, result = predict_checkpoint(options['network'], checkpoint, test_opt, device, batch_size=32)
     return {'paths': np.array([path for path, _ in dataset.paths_mos]), 'mos': dataset.raw_mos,
             'pred': result['pred'].astype(float)}
 
@@ -419,7 +363,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     labels = load_labels(meta_info, root, dataset, data_root, lower_better)
     plan = plan_split(labels, shots, test_ratio, num_val, seed)
     used = np.concatenate([plan.indices[r] for r in ('shots', 'val', 'test')])
-    check_images([labels.paths[i] for i in sorted(used)])
+    check_images([labels.images[i] for i in sorted(used)])
     if start is None:
         start = resolve_weights(DEFAULT_VARIANT)  # the metric's default weights; offline: says where to put them
     elif not os.path.isfile(start):
@@ -439,14 +383,14 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
     counts = plan.counts()
-    print(f'data: {labels.description}: {len(labels.paths)} labelled images', flush=True)
+    print(f'data: {labels.description}: {len(labels.images)} labelled images', flush=True)
     print(f'split (seed {seed}): {counts["shots"]} shots, {counts["val"]} validation carve-out, {counts["test"]} '
           f'held-out test, {counts["unused"]} unused', flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    roles = np.empty(len(labels.paths), dtype=object)
+    roles = np.empty(len(labels.images), dtype=object)
     for role, rows in plan.indices.items():
         roles[rows] = role
-    split_table = pd.DataFrame({'image': labels.paths, 'mos': labels.mos, 'role': roles})
+    split_table = pd.DataFrame({'image': labels.images, 'mos': labels.mos, 'role': roles})
     write_atomically(os.path.join(out_dir, 'split.csv'), split_table.to_csv(index=False))
     options_path = os.path.join(out_dir, 'options.yml')
     write_atomically(options_path, yaml.safe_dump(options, sort_keys=False))
@@ -484,7 +428,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     lines = usage_lines(model_path, options['network'])
     summary = {
         'data': {'description': labels.description, 'meta_info': labels.meta_info, 'root': labels.root,
-                 'num_images': len(labels.paths), 'mos_min': float(labels.mos.min()),
+                 'num_images': len(labels.images), 'mos_min': float(labels.mos.min()),
                  'mos_max': float(labels.mos.max()), 'lower_better': labels.lower_better},
         'split': counts,
         'settings': {'preset': preset, 'start': os.path.abspath(start), 'device': run_device, 'seed': seed,

@@ -18,7 +18,6 @@ import os
 import sys
 import textwrap
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,62 +27,21 @@ import pandas as pd
 import torch
 
 from .data.fewshot_dataset import few_shot_split
+from .data.labels import LabelledImages, label_source, read_labels
 from .precision import add_precision_argument, add_precision_option
 from .reporting import save_figure_atomically, write_atomically
 from .scoring import (ScoreReport, add_batch_arguments, create_metrics, encode_path, metric_device,
                       parse_metric_options, score_paths)
+from .stats import correlation_values, logistic_4, logistic_plcc
 
 
 RESULT_COLUMNS = ['metric', 'srcc', 'krcc', 'plcc', 'plcc_logistic', 'scored', 'failed', 'seconds_per_image',
                   'lower_better', 'error']
 #: Failed images named in the ``error`` column of a metric; per_image.csv lists all of them.
 LISTED_FAILURES = 3
-#: pyiqa dataset types whose meta CSV is (image, MOS, ...) and (reference, image, MOS, ...).
-NR_LAYOUT_TYPES = ('GeneralNRDataset', 'LIVEChallengeDataset')
-FR_LAYOUT_TYPES = ('GeneralFRDataset',)
-
-
-@dataclass
-class LabelledImages:
-    """The rows a comparison scores: image paths, raw labels, optional reference paths, and where they came from."""
-
-    images: List[str]
-    mos: np.ndarray
-    references: Optional[List[str]]
-    mos_lower_better: bool
-    description: str
 
 
 # --------------------------------------------------------------------------------------------------- the data
-def _reroot(path: str, data_root: str) -> str:
-    """A pyiqa dataset-info path (``./datasets/...``) moved under ``data_root``, as pyiqa's standard layout."""
-    normalised = path.replace('\\', '/')
-    for prefix in ('./datasets/', 'datasets/'):
-        if normalised.startswith(prefix):
-            return os.path.join(data_root, normalised[len(prefix):])
-    return path
-
-
-def _dataset_source(name: str, data_root: str) -> Tuple[str, str, Optional[str], bool]:
-    """(meta CSV, image folder, reference folder or None, labels lower-better) of a pyiqa dataset name."""
-    import pyiqa
-
-    try:
-        info = pyiqa.get_dataset_info(name)
-    except AssertionError:
-        known = ', '.join(sorted(pyiqa.get_dataset_info()))
-        raise ValueError(f'unknown pyiqa dataset {name!r}; known names: {known}') from None
-    kind = info.get('type')
-    if kind not in NR_LAYOUT_TYPES + FR_LAYOUT_TYPES:
-        raise ValueError(f'pyiqa dataset {name!r} has type {kind}, whose meta CSV layout compare does not read; '
-                         'pass meta_info= (column 0 image path, column 1 MOS) and root= instead')
-    target = _reroot(info['dataroot_target'], data_root)
-    references = None
-    if kind in FR_LAYOUT_TYPES:  # like GeneralFRDataset: references next to the images unless dataroot_ref
-        references = _reroot(info.get('dataroot_ref') or info['dataroot_target'], data_root)
-    return _reroot(info['meta_info_file'], data_root), target, references, bool(info.get('lower_better', False))
-
-
 def _select_rows(num_rows: int, split: str, split_seed: Optional[int], num_shots: Optional[int],
                  train_ratio: float) -> Tuple[np.ndarray, str]:
     """Row indices to score and a sentence saying which."""
@@ -111,84 +69,16 @@ def load_labelled_images(*, dataset: Optional[str] = None, data_root: str = './d
     Rows are taken in file order and image paths are ``os.path.join(image folder, column)``, exactly as
     ``FewShotNRDataset`` builds them, so ``split='test'`` gives the same images as its phase ``test``.
     """
-    if (dataset is None) == (meta_info is None):
-        raise ValueError('give either dataset= (a pyiqa dataset name) or meta_info= (a meta CSV), not both or neither')
-    if dataset is not None:
-        if root is not None:
-            raise ValueError('root= is the image folder of meta_info=; with dataset= use data_root=')
-        meta, image_root, ref_root, info_lower_better = _dataset_source(dataset, data_root)
-        source = f'pyiqa dataset {dataset} (meta CSV {meta}, images under {image_root})'
-        hint = f'; put pyiqa\'s standard layout of {dataset} under data_root={data_root}'
-    else:
-        if root is None:
-            raise ValueError(f'meta_info={meta_info} needs root=, the folder its image paths are relative to')
-        meta, image_root, ref_root, info_lower_better = meta_info, root, None, False
-        source = f'meta CSV {meta} (images under {root})'
-        hint = ''
-    if not os.path.isfile(meta):
-        raise FileNotFoundError(f'meta info CSV {meta} not found{hint}')
-    try:
-        table = pd.read_csv(meta)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f'meta info CSV {meta} cannot be read as CSV: {error}') from error
-    image_column, mos_column = (1, 2) if ref_root else (0, 1)
-    if table.shape[1] <= mos_column or table.empty:
-        layout = 'reference, image, MOS' if ref_root else 'image, MOS'
-        raise ValueError(f'meta info CSV {meta} needs a header and rows of ({layout}); it has '
-                         f'{table.shape[1]} columns and {len(table)} rows')
-    mos = pd.to_numeric(table.iloc[:, mos_column], errors='coerce').to_numpy(dtype=float)
-    bad = np.flatnonzero(~np.isfinite(mos))
-    if bad.size:
-        raise ValueError(f'meta info CSV {meta}: {bad.size} rows have a missing or non-numeric MOS in column '
-                         f'{table.columns[mos_column]!r}, e.g. on lines {(bad[:3] + 2).tolist()}')
-    rows, split_text = _select_rows(len(table), split, split_seed, num_shots, train_ratio)
-    images = [os.path.join(image_root, str(table.iat[i, image_column])) for i in rows]
-    references = [os.path.join(ref_root, str(table.iat[i, 0])) for i in rows] if ref_root else None
-    lower_better = info_lower_better if mos_lower_better is None else bool(mos_lower_better)
-    labels = 'lower-better labels (DMOS)' if lower_better else 'labels: MOS, higher is better'
-    return LabelledImages(images=images, mos=mos[rows], references=references, mos_lower_better=lower_better,
-                          description=f'{source}; {split_text}; {len(images)} images; {labels}')
+    if dataset is not None and meta_info is None and root is not None:
+        raise ValueError('root= is the image folder of meta_info=; with dataset= use data_root=')
+    source = label_source(dataset, data_root, meta_info, root)
+    labels = read_labels(source, mos_lower_better)
+    rows, split_text = _select_rows(len(labels.images), split, split_seed, num_shots, train_ratio)
+    kind = 'lower-better labels (DMOS)' if labels.lower_better else 'labels: MOS, higher is better'
+    return labels.subset(rows, f'{source.description}; {split_text}; {len(rows)} images; {kind}')
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
-    """The 4-parameter logistic of VQEG: ``(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``."""
-    from scipy.special import expit
-
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return (b1 - b2) * expit((np.asarray(x, dtype=float) - b3) / abs(b4)) + b2
-
-
-def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
-    """Least-squares (b1, b2, b3, b4) of :func:`logistic_4` from ``pred`` to ``mos``; ValueError saying why not.
-
-    The fit runs on standardised predictions (so metrics of any scale are equally well conditioned), starting
-    from the label range, the centre of the predictions and a slope of one standard deviation.
-    """
-    from scipy.optimize import OptimizeWarning, curve_fit
-
-    pred, mos = np.asarray(pred, dtype=float), np.asarray(mos, dtype=float)
-    if len(pred) < 4:
-        raise ValueError(f'the 4-parameter logistic needs at least 4 images, got {len(pred)}')
-    if np.ptp(pred) == 0:
-        raise ValueError('the predictions are constant, so the logistic fit is undefined')
-    centre, scale = pred.mean(), pred.std()
-    rising = np.corrcoef(pred, mos)[0, 1] >= 0 if np.ptp(mos) > 0 else True
-    high, low = (mos.max(), mos.min()) if rising else (mos.min(), mos.max())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', OptimizeWarning)  # judged by the fitted values below
-            (b1, b2, b3, b4), _ = curve_fit(logistic_4, (pred - centre) / scale, mos, p0=[high, low, 0.0, 1.0],
-                                            maxfev=20000)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f'the 4-parameter logistic fit did not converge ({error})') from error
-    params = np.array([b1, b2, centre + scale * b3, scale * abs(b4)])
-    fitted = logistic_4(pred, *params)
-    if not np.all(np.isfinite(fitted)) or np.ptp(fitted) == 0:
-        raise ValueError('the 4-parameter logistic fit is flat or not finite')
-    return params
-
-
 def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False,
                  mos_lower_better: bool = False) -> Dict[str, object]:
     """SRCC, KRCC, PLCC and PLCC after the logistic fit of ``scores`` against ``mos``; never raises.
@@ -197,8 +87,6 @@ def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False
     the fitted values, negative when the fit is decreasing. Undefined values are NaN and ``error`` says why;
     ``logistic_params`` are the fit on the sign-adjusted values, or None.
     """
-    from scipy import stats
-
     pred = -np.asarray(scores, dtype=float) if lower_better else np.asarray(scores, dtype=float)
     labels = -np.asarray(mos, dtype=float) if mos_lower_better else np.asarray(mos, dtype=float)
     result: Dict[str, object] = {'srcc': math.nan, 'krcc': math.nan, 'plcc': math.nan, 'plcc_logistic': math.nan,
@@ -212,18 +100,11 @@ def correlations(scores: np.ndarray, mos: np.ndarray, lower_better: bool = False
         result['error'] = 'the labels are constant, so correlations are undefined'
     if result['error']:
         return result
-    result.update(srcc=float(stats.spearmanr(pred, labels)[0]), krcc=float(stats.kendalltau(pred, labels)[0]),
-                  plcc=float(stats.pearsonr(pred, labels)[0]))
+    result.update(correlation_values(pred, labels))
     try:
-        params = fit_logistic(pred, labels)
+        result['plcc_logistic'], result['logistic_params'] = logistic_plcc(pred, labels)
     except ValueError as error:
         result['error'] = f'plcc_logistic: {error}'
-        return result
-    # A decreasing fit (a metric that ranks backwards) correlates positively with the labels; its sign keeps
-    # plcc_logistic consistent with srcc and plcc.
-    direction = 1.0 if params[0] >= params[1] else -1.0
-    result.update(plcc_logistic=direction * float(stats.pearsonr(logistic_4(pred, *params), labels)[0]),
-                  logistic_params=params)
     return result
 
 
@@ -329,7 +210,7 @@ def _outcomes(data: LabelledImages, names: Sequence[str], metrics: Dict[str, _Ti
                     scores[row] = value
         scored = np.isfinite(scores)
         lower_better = bool(metrics[name].metric.lower_better) if name in metrics else None
-        stats = correlations(scores[scored], data.mos[scored], bool(lower_better), data.mos_lower_better)
+        stats = correlations(scores[scored], data.mos[scored], bool(lower_better), data.lower_better)
         errors = [creation_errors[name]] if name in creation_errors else []
         errors += [_failure_text(failures, total)] if failures else []
         errors += [stats['error']] if stats['error'] and name not in creation_errors else []
@@ -390,7 +271,7 @@ def _scatter_plot(data: LabelledImages, outcomes: List[_Outcome], path: str) -> 
     figure = Figure(figsize=(4.2 * columns, 3.8 * rows), layout='constrained')
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    label = 'DMOS (lower is better)' if data.mos_lower_better else 'MOS'
+    label = 'DMOS (lower is better)' if data.lower_better else 'MOS'
     for axis, outcome in zip(axes, outcomes):
         scored = np.isfinite(outcome.scores)
         if not scored.any():
@@ -404,7 +285,7 @@ def _scatter_plot(data: LabelledImages, outcomes: List[_Outcome], path: str) -> 
         if params is not None:  # the fit maps sign-adjusted scores to sign-adjusted labels
             grid = np.linspace(x.min(), x.max(), 200)
             score_sign = -1.0 if outcome.row['lower_better'] else 1.0
-            label_sign = -1.0 if data.mos_lower_better else 1.0
+            label_sign = -1.0 if data.lower_better else 1.0
             axis.plot(grid, label_sign * logistic_4(score_sign * grid, *params), color='C1', linewidth=1.5)
         failed = f', {outcome.row["failed"]} failed' if outcome.row['failed'] else ''
         axis.set_title(f'{outcome.name}: SRCC {_cell(outcome.row["srcc"])}{failed}', fontsize=10)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .data.synthetic import DISTORTIONS, LEVELS, _square
+from .stats import srcc
 
 DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
 DEMO_DISTORTIONS = ('gaussian_blur', 'gaussian_noise', 'jpeg')
@@ -103,8 +104,6 @@ def _create(names: Sequence[str], options: Mapping[str, Mapping], device: Option
 def _ranking(scores: pd.DataFrame, name: str, lower_better: bool) -> Tuple[int, int, float]:
     """Series (photo x distortion: clean, then levels 1..5) whose quality falls strictly with the level (a tie is
     not an order), the number of series, and the mean SRCC of quality against minus the level."""
-    from scipy.stats import spearmanr
-
     right = total = 0
     correlations = []
     for photo in DEMO_PHOTOS:
@@ -115,7 +114,7 @@ def _ranking(scores: pd.DataFrame, name: str, lower_better: bool) -> Tuple[int, 
             quality = -series if lower_better else series
             total += 1
             right += bool(np.all(np.diff(quality) < 0))
-            correlations.append(spearmanr(quality, -np.arange(len(quality)))[0] if np.ptp(quality) else 0.0)
+            correlations.append(srcc(quality, -np.arange(len(quality))) if np.ptp(quality) else 0.0)
     return right, total, float(np.mean(correlations))
 
 

@@ -1,5 +1,6 @@
-"""What a training run leaves to look at: a JSON-lines log of its metrics, curves.png, held-out correlations
-with bootstrap confidence intervals, and a before/after scatter plot. Files are written atomically.
+"""What a training run leaves to look at: a JSON-lines log of its metrics, curves.png and a before/after
+scatter plot (correlations and their bootstrap intervals are :mod:`pyiqa_grmp.stats`). Files are written
+atomically.
 
 ``metrics.jsonl`` holds one JSON object per line: ``kind`` ('train' or 'val'), ``iter``, ``epoch``, ``lr`` and
 the values of that record (training losses and batch metrics for 'train'; the validation metrics, ``dataset`` and
@@ -12,17 +13,16 @@ import json
 import math
 import os
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .checkpointing import atomic_write
 from .data.image_io import escape_undecodable, open_regular_file
+from .stats import correlation_values
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
-CORRELATIONS = ('srcc', 'plcc', 'krcc')
-KENDALL_PAIRWISE_MAX = 64
 
 
 # ------------------------------------------------------------------------------------------- atomic files
@@ -171,88 +171,7 @@ def plot_run_curves(opt: Mapping) -> Optional[str]:
     return plot_curves(metrics, os.path.join(opt['path']['log'], CURVES_FILE), title=opt.get('name'))
 
 
-# ------------------------------------------------------------------------------------- correlations, CIs
-def _ranks(rows: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(rows, axis=-1)
-
-
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row pair; NaN where a row is constant."""
-    x = x - x.mean(axis=-1, keepdims=True)
-    y = y - y.mean(axis=-1, keepdims=True)
-    denominator = np.sqrt((x * x).sum(axis=-1) * (y * y).sum(axis=-1))
-    with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(denominator > 0, (x * y).sum(axis=-1) / np.where(denominator > 0, denominator, 1), np.nan)
-
-
-def _kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b of each row pair; NaN where a row is constant. Pairwise signs for up to
-    ``KENDALL_PAIRWISE_MAX`` images (fast for bootstrap resamples), scipy's O(n log n) per row above that."""
-    from scipy.stats import kendalltau
-
-    count = x.shape[-1]
-    if count > KENDALL_PAIRWISE_MAX:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # constant rows give NaN
-            return np.array([kendalltau(a, b)[0] for a, b in zip(x, y)], dtype=float)
-    values = np.empty(x.shape[0])
-    chunk = max(1, 4_000_000 // (count * count))
-    for start in range(0, x.shape[0], chunk):
-        a, b = x[start:start + chunk], y[start:start + chunk]
-        sign_a = np.sign(a[:, :, None] - a[:, None, :])
-        sign_b = np.sign(b[:, :, None] - b[:, None, :])
-        concordance = (sign_a * sign_b).sum(axis=(1, 2))
-        untied = np.sqrt(np.abs(sign_a).sum(axis=(1, 2)) * np.abs(sign_b).sum(axis=(1, 2)))
-        with np.errstate(invalid='ignore', divide='ignore'):
-            values[start:start + chunk] = np.where(untied > 0, concordance / np.where(untied > 0, untied, 1), np.nan)
-    return values
-
-
-_ROW_STATISTICS: Dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    'srcc': lambda x, y: _pearson_rows(_ranks(x), _ranks(y)),
-    'plcc': _pearson_rows,
-    'krcc': _kendall_rows,
-}
-
-
-def correlation_values(pred: Sequence[float], mos: Sequence[float]) -> Dict[str, float]:
-    """SRCC, PLCC (plain Pearson) and KRCC (tau-b) of predictions against labels (higher-better both)."""
-    pred, mos = np.asarray(pred, dtype=float)[None], np.asarray(mos, dtype=float)[None]
-    return {name: float(_ROW_STATISTICS[name](pred, mos)[0]) for name in CORRELATIONS}
-
-
-def bootstrap_indices(count: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, count) image indices drawn with replacement; the same seed gives the same draws."""
-    return np.random.default_rng(seed).integers(0, count, size=(resamples, count))
-
-
-def bootstrap_intervals(pred: Sequence[float], mos: Sequence[float], indices: np.ndarray,
-                        confidence: float = 0.95) -> Dict[str, Tuple[float, float]]:
-    """Percentile bootstrap intervals of SRCC, PLCC and KRCC over the resamples ``indices`` of the images."""
-    pred, mos = np.asarray(pred, dtype=float), np.asarray(mos, dtype=float)
-    tail = 100 * (1 - confidence) / 2
-    intervals = {}
-    for name in CORRELATIONS:
-        values = _ROW_STATISTICS[name](pred[indices], mos[indices])
-        intervals[name] = (float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail)))
-    return intervals
-
-
-def bootstrap_gain_intervals(before: Sequence[float], after: Sequence[float], mos: Sequence[float],
-                             indices: np.ndarray, confidence: float = 0.95) -> Dict[str, Tuple[float, float]]:
-    """Paired percentile intervals of (after - before) per correlation: both models on the same resamples."""
-    before, after, mos = (np.asarray(v, dtype=float) for v in (before, after, mos))
-    tail = 100 * (1 - confidence) / 2
-    intervals = {}
-    for name in CORRELATIONS:
-        statistic = _ROW_STATISTICS[name]
-        gains = statistic(after[indices], mos[indices]) - statistic(before[indices], mos[indices])
-        intervals[name] = (float(np.nanpercentile(gains, tail)), float(np.nanpercentile(gains, 100 - tail)))
-    return intervals
-
-
+# ------------------------------------------------------------------------------------------- figures
 def scatter_before_after(mos: Sequence[float], before: Sequence[float], after: Sequence[float], png_path: str,
                          mos_label: str = 'MOS', titles: Tuple[str, str] = ('before', 'after')) -> str:
     """Two panels: predictions of the starting and of the adapted model against the labels."""

@@ -402,27 +402,6 @@ def _fewshot_datasets(opt: dict) -> List[dict]:
     return [d for d in opt['datasets'].values() if d.get('type') == 'FewShotNRDataset']
 
 
-def evaluate_checkpoint(network_opt: dict, checkpoint: str, dataset_opt: dict, device: str = 'cpu',
-                        batch_size: int = 16) -> Dict[str, float]:
-    """SRCC, PLCC (plain Pearson, as the paper's code) and KRCC of a checkpoint on one dataset split."""
-    from pyiqa.archs import build_network
-    from pyiqa.data import build_dataset
-    from scipy import stats
-
-    from .models.base_model import predict_loader
-
-    network_opt = copy.deepcopy(network_opt)
-    network_opt.update(pretrained=True, pretrained_model_path=checkpoint)
-    with trusted_loading():
-        net = build_network(network_opt).to(device).eval()
-        dataset = build_dataset(copy.deepcopy(dataset_opt))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    result = predict_loader(net, loader, device)
-    pred, mos = result['pred'], result['mos']
-    return {'srcc': float(stats.spearmanr(pred, mos)[0]), 'plcc': float(stats.pearsonr(pred, mos)[0]),
-            'krcc': float(stats.kendalltau(pred, mos)[0]), 'num_test': int(len(mos))}
-
-
 def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_dir: Optional[str] = None,
                  root_path: Optional[str] = None) -> List[dict]:
     """The paper's protocol: per run a new random split and N-shot sample, train, evaluate on that run's test split.
@@ -436,6 +415,7 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     from pyiqa.utils.options import make_paths
 
     from .distributed import all_gather_objects, shard
+    from .evaluation import evaluate_checkpoint
     from .options import seed_everything
 
     if select not in ('val', 'test'):

@@ -18,7 +18,7 @@ from conftest import make_tiny_model
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
 from pyiqa_grmp.adapt import BOOTSTRAP_RESAMPLES
 from pyiqa_grmp.cli import main
-from pyiqa_grmp.reporting import bootstrap_indices, bootstrap_intervals, correlation_values
+from pyiqa_grmp.stats import bootstrap_indices, bootstrap_intervals, correlation_values
 
 TINY_NETWORK = {'backbone': TINY_BACKBONE, 'num_visual_prompts': TINY_NUM_PROMPTS}
 

@@ -16,10 +16,10 @@ from pyiqa.utils import download_util
 from scipy import stats
 
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
-from pyiqa_grmp.comparison import (add_compare_parser, compare, correlations, fit_logistic, logistic_4,
-                                   run_compare_command)
+from pyiqa_grmp.comparison import add_compare_parser, compare, correlations, run_compare_command
 from pyiqa_grmp.data.fewshot_dataset import FewShotNRDataset
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
+from pyiqa_grmp.stats import fit_logistic, logistic_4
 
 OUTPUTS = ('results.csv', 'results.md', 'per_image.csv', 'scatter.png')
 

@@ -11,13 +11,13 @@ and are computed once, like the text features, and the last block runs the CLS q
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import SquareResize, center_crop, random_crop_and_flip
 from ..precision import PRECISION_DTYPES, autocast, check_precision
 from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
 from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, UnsafeCheckpointError,
@@ -30,41 +30,6 @@ QUALITY_CLASS_NAMES = ('high quality', 'low quality')
 SCENE_NAMES = ('animal', 'cityscape', 'human', 'indoor', 'landscape', 'night', 'plant', 'still_life', 'others')
 
 BackboneSpec = Union[str, Mapping]
-
-
-def square_resize(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """Bicubic resize of (N, C, H, W) to size x size, aspect ratio not kept (as the official data preparation)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode='bicubic', align_corners=False, antialias=antialias)
-
-
-@dataclass(frozen=True)
-class SquareResize:
-    """:func:`square_resize` to ``size`` as a picklable value: GRMP-IQA's declared fixed input resize.
-
-    Scoring runs it in data-loading workers (see :data:`pyiqa_grmp.scoring.FIXED_RESIZE_ATTRIBUTE`), so it
-    must be, and is, the very call :meth:`GRMPIQA.preprocess` makes.
-    """
-
-    size: int
-    antialias: bool = False
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return square_resize(images, self.size, self.antialias)
-
-
-def random_crop_and_flip(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Per sample: a random size x size crop and a horizontal flip with probability 0.5 (training augmentation)."""
-    height, width = images.shape[-2:]
-    tops = torch.randint(0, height - size + 1, (images.shape[0],)).tolist()
-    lefts = torch.randint(0, width - size + 1, (images.shape[0],)).tolist()
-    flips = (torch.rand(images.shape[0]) < 0.5).tolist()
-    crops = []
-    for image, top, left, flip in zip(images, tops, lefts, flips):
-        crop = image[:, top:top + size, left:left + size]
-        crops.append(crop.flip(-1) if flip else crop)
-    return torch.stack(crops)
 
 
 def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
@@ -416,11 +381,7 @@ class GRMPIQA(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = SquareResize(self.resize, self.antialias)(x)
-        if random_crop:
-            x = random_crop_and_flip(x, self.crop)
-        else:
-            top = (self.resize - self.crop) // 2
-            x = x[:, :, top:top + self.crop, top:top + self.crop]
+        x = random_crop_and_flip(x, self.crop) if random_crop else center_crop(x, self.crop)
         return self.normalize(x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,52 +9,21 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List
 
 import numpy as np
-import pandas as pd
 import torch
 from pyiqa.data.general_nr_dataset import GeneralNRDataset
 
-from ..archs.grmp_arch import square_resize
 from .image_io import read_image
+from .labels import LabelTableError, minmax_normalise, read_label_table
+from .transforms import stored_square
 
 LABEL_NORMS = ('minmax_per_subset', 'mos_range', 'none')
 
 
-def stored_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] squashed to size x size (bicubic) and stored as uint8, like the official
-    pre-resized .mat files; datasets keep images in this form and hand them out as ``stored / 255``."""
-    resized = square_resize(image.unsqueeze(0), size)[0]
-    return (resized.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 class DatasetConfigError(ValueError):
     """A few-shot dataset option is invalid; raised while building the dataset, before any training."""
-
-
-def row_filter_mask(table: pd.DataFrame, row_filter: Optional[Mapping], where: str) -> np.ndarray:
-    """Rows of a meta-info table kept by ``row_filter`` ({column: [values]}: a row is kept when, for every
-    column, its value is listed; values compare as text). None keeps every row.
-
-    It lets one labelled set serve several stages without overlap, e.g. pre-train on some reference photos and
-    fine-tune on the others. ``where`` names the dataset or source in errors.
-    """
-    keep = np.ones(len(table), dtype=bool)
-    if row_filter is None:
-        return keep
-    if not isinstance(row_filter, Mapping) or not row_filter:
-        raise DatasetConfigError(f'{where}: row_filter must map column names to lists of values, got {row_filter!r}')
-    for column, values in row_filter.items():
-        if column not in table.columns:
-            raise DatasetConfigError(f'{where}: row_filter column {column!r} is not in the meta-info file '
-                                     f'(columns: {list(table.columns)})')
-        if isinstance(values, (str, int, float)) or not values:
-            raise DatasetConfigError(f'{where}: row_filter[{column!r}] must be a non-empty list, got {values!r}')
-        keep &= table[column].astype(str).isin([str(v) for v in values]).to_numpy()
-    if not keep.any():
-        raise DatasetConfigError(f'{where}: row_filter {dict(row_filter)} keeps none of the {len(table)} rows')
-    return keep
 
 
 def few_shot_split(num_images: int, num_shots: int, split_seed: int, train_ratio: float = 0.8,
@@ -87,7 +56,7 @@ class FewShotNRDataset(GeneralNRDataset):
     """pyiqa NR dataset restricted to one few-shot split.
 
     Extra options: ``num_shots``, ``split_seed``, ``train_ratio`` (0.8), ``num_val`` (0), ``row_filter`` (use
-    only the rows it keeps, see :func:`row_filter_mask`), ``label_norm``
+    only the rows it keeps, see :func:`pyiqa_grmp.data.labels.read_label_table`), ``label_norm``
     (``minmax_per_subset`` | ``mos_range`` | ``none``), ``resize`` (244: images are stored squashed to this square,
     as the official .mat files), ``cache_images`` (keep decoded images in memory; default True for the shots).
     Any pyiqa ``augment`` options are applied on top, before the resize.
@@ -127,15 +96,13 @@ class FewShotNRDataset(GeneralNRDataset):
                                      'mos_normalize')
 
     def init_path_mos(self, opt: dict) -> None:
-        super().init_path_mos(opt)
-        name = opt.get('name')
-        keep = row_filter_mask(self.meta_info, opt.get('row_filter'), f'dataset {name!r}')
-        self.paths_mos = [item for item, kept in zip(self.paths_mos, keep) if kept]
-        if not self.paths_mos:
-            raise DatasetConfigError(f'dataset {name!r}: meta_info_file {opt["meta_info_file"]} has no rows')
-        bad = [str(path) for path, mos in self.paths_mos if not math.isfinite(float(mos))]
-        if bad:
-            raise DatasetConfigError(f'dataset {name!r}: {len(bad)} rows have a NaN/Inf MOS, e.g. {bad[:3]}')
+        """The (image path, raw MOS) rows of the meta CSV that ``row_filter`` keeps, checked."""
+        try:
+            labels = read_label_table(opt['meta_info_file'], opt['dataroot_target'], row_filter=opt.get('row_filter'))
+        except LabelTableError as error:
+            raise DatasetConfigError(f'dataset {opt.get("name")!r}: {error}') from error
+        self.meta_info = labels.table
+        self.paths_mos = [[path, float(mos)] for path, mos in zip(labels.images, labels.mos)]
 
     def get_split(self, opt: dict) -> None:
         indices = few_shot_split(len(self.paths_mos), int(opt['num_shots']), int(opt.get('split_seed', 0)),
@@ -165,14 +132,12 @@ class FewShotNRDataset(GeneralNRDataset):
             if opt.get('mos_range') is None:
                 raise DatasetConfigError('label_norm mos_range needs the option mos_range: [low, high]')
             low, high = (float(v) for v in opt['mos_range'])
+            labels = (mos - low) / (high - low)
         else:
-            low, high = float(mos.min()), float(mos.max())
-            if high == low:
-                if len(mos) > 1:
-                    raise DatasetConfigError(f'all {len(mos)} MOS values of the subset equal {low}; '
-                                             'min-max normalisation is undefined')
-                high = low + 1.0
-        labels = (mos - low) / (high - low)
+            try:  # one image is a legal subset (e.g. a one-image carve-out), labelled 0
+                labels = minmax_normalise(mos, constant='zero' if len(mos) == 1 else 'error')
+            except ValueError as error:
+                raise DatasetConfigError(f'dataset {opt.get("name")!r}: the MOS of the subset: {error}') from error
         return (1.0 - labels if lower_better else labels).tolist()
 
     def _load(self, index: int) -> torch.Tensor:

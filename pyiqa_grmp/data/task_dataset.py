@@ -15,13 +15,14 @@ from collections import OrderedDict
 from typing import Dict, List, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils import data
 
-from .fewshot_dataset import DatasetConfigError, row_filter_mask, stored_square
+from .fewshot_dataset import DatasetConfigError
 from .image_io import read_image
+from .labels import LabelTableError, minmax_normalise, read_label_table
 from .samplers import IdleSlot, TaskRoundSampler
+from .transforms import stored_square
 
 #: KADID-10k ``I01_03_02.png`` and TID2013 ``i01_03_2.bmp``: reference, type, level.
 DEFAULT_TYPE_PATTERN = r'^[iI]\d+_(\d+)_\d+\.\w+$'
@@ -44,16 +45,12 @@ def read_source_tasks(source: dict) -> "OrderedDict[str, List[Tuple[str, float]]
             raise DatasetConfigError(f'source {name!r}: option {key!r} is required')
     if not os.path.isfile(source['meta_info_file']):
         raise DatasetConfigError(f'source {name!r}: meta_info_file {source["meta_info_file"]} not found')
-    table = pd.read_csv(source['meta_info_file'])
-    if table.empty:
-        raise DatasetConfigError(f'source {name!r}: meta_info_file {source["meta_info_file"]} has no rows')
-    table = table[row_filter_mask(table, source.get('row_filter'), f'source {name!r}')].reset_index(drop=True)
-    image_col, mos_col = (1, 2) if _layout(source) == 'fr' else (0, 1)
-    images = table.iloc[:, image_col].astype(str)
-    mos = pd.to_numeric(table.iloc[:, mos_col], errors='coerce')
-    if mos.isna().any():
-        raise DatasetConfigError(f'source {name!r}: {int(mos.isna().sum())} rows have no numeric MOS, e.g. '
-                                 f'{images[mos.isna()].tolist()[:3]}')
+    try:
+        labels = read_label_table(source['meta_info_file'], source['dataroot_target'], layout=_layout(source),
+                                  row_filter=source.get('row_filter'))
+    except LabelTableError as error:
+        raise DatasetConfigError(f'source {name!r}: {error}') from error
+    table = labels.table
     if source.get('type_column'):
         if source['type_column'] not in table.columns:
             raise DatasetConfigError(f'source {name!r}: type_column {source["type_column"]!r} is not a column of '
@@ -62,7 +59,7 @@ def read_source_tasks(source: dict) -> "OrderedDict[str, List[Tuple[str, float]]
     else:
         pattern = re.compile(source.get('type_pattern', DEFAULT_TYPE_PATTERN))
         types = []
-        for image in images:
+        for image in labels.images:
             match = pattern.match(os.path.basename(image))
             if match is None:
                 raise DatasetConfigError(f'source {name!r}: file name {image!r} does not match type_pattern '
@@ -70,10 +67,10 @@ def read_source_tasks(source: dict) -> "OrderedDict[str, List[Tuple[str, float]]
             types.append(match.group(1))
     include, exclude = source.get('include_types'), set(map(str, source.get('exclude_types') or []))
     tasks: "OrderedDict[str, List[Tuple[str, float]]]" = OrderedDict()
-    for image, label, kind in zip(images, mos, types):
+    for path, label, kind in zip(labels.images, labels.mos, types):
         if kind in exclude or (include is not None and kind not in set(map(str, include))):
             continue
-        tasks.setdefault(kind, []).append((os.path.join(source['dataroot_target'], image), float(label)))
+        tasks.setdefault(kind, []).append((path, float(label)))
     if not tasks:
         raise DatasetConfigError(f'source {name!r}: no task left after include_types / exclude_types')
     return tasks
@@ -126,11 +123,11 @@ class DistortionTaskDataset(data.Dataset):
 
     @staticmethod
     def _minmax(items: List[Tuple[str, float]]) -> List[Tuple[str, float]]:
+        """Labels min-max normalised over the items; a constant set maps to 0.5, as a constant meta-training part."""
         if not items:
             return []
-        values = np.array([mos for _, mos in items])
-        span = np.ptp(values) or 1.0
-        return [(path, float((mos - values.min()) / span)) for path, mos in items]
+        labels = minmax_normalise(np.array([mos for _, mos in items]), constant='half')
+        return [(path, float(label)) for (path, _), label in zip(items, labels)]
 
     def _load(self, path: str) -> torch.Tensor:
         return stored_square(read_image(path), self.resize)

@@ -19,9 +19,10 @@ from typing import Dict, Iterator, List
 import torch
 from pyiqa.utils import get_root_logger
 
-from ..archs.grmp_arch import random_crop_and_flip, square_resize
 from ..checkpointing import ResumeError
+from ..data.labels import minmax_normalise
 from ..data.samplers import item_seed
+from ..data.transforms import random_crop_and_flip, square_resize
 from ..distributed import all_reduce_sum_
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
@@ -30,12 +31,6 @@ PROMPT_PREFIXES = ('prompt_learner.', 'visual_prompts.')
 DEFAULT_META = {'mode': 'reptile', 'outer_step': 0.01, 'support_ratio': 0.8, 'support_batch': 75,
                 'query_batch': 50, 'seed': 0}
 META_MODES = ('reptile', 'official')
-
-
-def _minmax(labels: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise within one part (support or query), as the official code; constant labels -> 0.5."""
-    span = labels.max() - labels.min()
-    return (labels - labels.min()) / span if span > 0 else torch.full_like(labels, 0.5)
 
 
 class GRMPMetaPromptModel(GRMPBaseModel):
@@ -122,7 +117,9 @@ class GRMPMetaPromptModel(GRMPBaseModel):
         order = torch.randperm(count).to(self.device)
         num_support = min(count - 1, max(1, round(self.meta['support_ratio'] * count)))
         support, query = order[:num_support], order[num_support:]
-        support_labels, query_labels = _minmax(self.task_mos[support]), _minmax(self.task_mos[query])
+        # min-max within each part, as the official code, where a constant part maps to 0.5
+        support_labels, query_labels = (minmax_normalise(self.task_mos[part], constant='half')
+                                        for part in (support, query))
         query_batch = int(self.meta['query_batch'])
         query_starts = range(0, len(query), query_batch)
         losses = OrderedDict()
