@@ -17,8 +17,9 @@ import yaml
 from pyiqa.models import build_model
 
 from grmp_test_utils import training_options
-from pyiqa_grmp.adapt import LabelledSet, SplitPlan, build_options, read_override, set_option
+from pyiqa_grmp.adapt import SplitPlan, build_options, read_override, set_option
 from pyiqa_grmp.checkpointing import ResumeError, load_state
+from pyiqa_grmp.data.labels import LabelledImages
 from pyiqa_grmp.options import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ConfigError, apply_override,
                                 check_option_values, load_yaml, parse_override_value, parse_training_argv)
 
@@ -279,8 +280,8 @@ def test_force_yml_missing_section_names_the_sections_that_exist():
 @pytest.fixture
 def adapt_options():
     """The options adapt generates (cpu preset), before --set."""
-    labels = LabelledSet(meta_info='/data/labels.csv', root='/data', paths=[f'/data/{i}.png' for i in range(60)],
-                         mos=np.linspace(1, 5, 60), lower_better=False, description='test')
+    labels = LabelledImages(images=[f'/data/{i}.png' for i in range(60)], mos=np.linspace(1, 5, 60),
+                            description='test', meta_info='/data/labels.csv', root='/data')
     plan = SplitPlan(num_shots=20, num_val=6, train_ratio=0.8, seed=0)
     options = build_options(labels, plan, 'cpu', '/weights/start.pth', 'cpu', 0)
     check_option_values(options, 'the options of adapt')
