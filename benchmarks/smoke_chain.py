@@ -30,7 +30,7 @@ from pyiqa.utils import set_random_seed
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.comparison import compare
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
-from pyiqa_grmp.train import evaluate_checkpoint
+from pyiqa_grmp.training import evaluate_checkpoint
 
 SMOKE = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
 HELD_OUT_TYPES = ('gaussian_blur', 'pristine')

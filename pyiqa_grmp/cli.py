@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .adapt import add_adapt_parser
+from .adaptation import add_adapt_parser
 from .comparison import add_compare_parser
 from .demo import add_demo_parser
 from .precision import add_precision_argument, add_precision_option
@@ -63,7 +63,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingInterrupted, train
+    from .training import TrainingInterrupted, train
 
     argv = ['-opt', args.opt, '--launcher', args.launcher, *(['--auto_resume'] if args.auto_resume else []),
             *(['--debug'] if args.debug else []), *(['--force_yml', *args.force_yml] if args.force_yml else [])]
@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_protocol(args: argparse.Namespace) -> int:
-    from .train import run_protocol
+    from .training import run_protocol
 
     run_protocol(['-opt', args.opt, '--launcher', args.launcher,
                   *(['--force_yml', *args.force_yml] if args.force_yml else [])],

@@ -15,7 +15,7 @@ from grmp_test_utils import training_options
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.models.finetune_model import TrainingConfigError
 from pyiqa_grmp.checkpointing import find_resume_state
-from pyiqa_grmp.train import evaluate_checkpoint, parse_training_options
+from pyiqa_grmp.training import evaluate_checkpoint, parse_training_options
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 

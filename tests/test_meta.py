@@ -21,7 +21,7 @@ from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
 from pyiqa_grmp.data.task_dataset import DistortionTaskDataset
 from pyiqa_grmp.models.base_model import TrainingConfigError
-from pyiqa_grmp.train import evaluate_checkpoint
+from pyiqa_grmp.training import evaluate_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 META_CONFIG = CONFIGS / 'smoke' / 'meta_pretrain_synthetic.yml'

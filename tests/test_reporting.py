@@ -10,7 +10,7 @@ from scipy import stats
 
 from pyiqa_grmp.reporting import (MetricsLog, bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals,
                                   correlation_values, plot_curves, read_metrics, write_atomically)
-from pyiqa_grmp.train import train
+from pyiqa_grmp.training import train
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 

@@ -417,7 +417,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     import yaml
 
     from .pretrained import DEFAULT_VARIANT, resolve_weights
-    from .train import train
+    from .training import train
 
     if preset not in PRESETS:
         raise ValueError(f'--preset must be one of {sorted(PRESETS)}, got {preset!r}')
