@@ -31,7 +31,7 @@ from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerp
 from .data.samplers import ResumableSampler, SeededItems
 from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
 from .errors import InvalidArgument
-from .options import (ConfigError, apply_override, build_argument_parser, dump_yaml, load_yaml, parse_training_argv,
+from .options import (ConfigError, apply_override, build_argument_parser, dump_yaml, parse_training_argv,
                       prepare_options)
 
 #: ``--launcher`` values (pyiqa's names) -> the launchers of :mod:`pyiqa_grmp.distributed`.
@@ -77,16 +77,15 @@ def read_training_options(options: Options, overrides: Sequence[str] = (), launc
     arguments pyiqa's training scripts would have parsed for them (``-opt``, ``--launcher``, ...)."""
     if launcher not in LAUNCHERS:
         raise InvalidArgument('launcher', f'must be one of {", ".join(LAUNCHERS)}, got {launcher!r}')
-    if isinstance(options, Mapping):
-        opt = copy.deepcopy(dict(options))
-        source = f'{opt.get("name", "options")}.yml'  # the name its copy gets in the experiment folder
-    else:
-        source = os.fspath(options)
-        opt = load_yaml(source)
-    for entry in overrides:
-        apply_override(opt, entry)
+    mapping = isinstance(options, Mapping)
+    source = f'{options.get("name", "options")}.yml' if mapping else os.fspath(options)  # a mapping's copy: NAME.yml
     argv = ['-opt', source, '--launcher', launcher, *(['--auto_resume'] if auto_resume else []),
             *(['--debug'] if debug else []), *(['--force_yml', *overrides] if overrides else [])]
+    if not mapping:
+        return parse_training_argv(argv)
+    opt = copy.deepcopy(dict(options))
+    for entry in overrides:
+        apply_override(opt, entry)
     return opt, build_argument_parser().parse_args(argv)
 
 

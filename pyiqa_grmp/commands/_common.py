@@ -51,6 +51,7 @@ def non_negative_int(text: str) -> int:
 
 
 def add_device_argument(parser: argparse.ArgumentParser, function: Callable) -> None:
+    """``--device cpu|cuda`` with ``function``'s default (None: cuda when available)."""
     parser.add_argument('--device', choices=['cpu', 'cuda'], default=api_default(function, 'device'),
                         help='default: cuda when available')
 

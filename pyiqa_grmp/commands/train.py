@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from ._common import add_command, api_default
 
@@ -15,7 +16,7 @@ EXAMPLES = (
 )
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, function, launcher_help: str) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, function: Callable, launcher_help: str) -> None:
     """``-opt``, ``--force_yml`` and ``--launcher``, shared by ``train`` and ``protocol``."""
     from ..training import LAUNCHERS
 
