@@ -2,6 +2,10 @@
 
 Importing the package registers its types with pyiqa and does nothing else (no downloads, no environment
 changes); afterwards ``pyiqa.create_metric('grmp_iqa')`` works like any built-in metric.
+
+The Python API has the command line's power, names and defaults, and is loaded on first use:
+``score`` (images -> DataFrame), ``compare`` (metrics on labelled images), ``adapt`` (fine-tune on your labelled
+images, with a report), ``train`` (from a training YAML or dict) and ``run_protocol`` (the paper's protocol).
 """
 from .gradreg import regularize_gradients
 from .registry import register_all
@@ -10,13 +14,23 @@ __version__ = '0.1.0'
 
 register_all()
 
-__all__ = ['__version__', 'compare', 'register_all', 'regularize_gradients']
+#: Public name -> the module that defines it, imported on first use.
+_LAZY = {
+    'score': 'api',
+    'compare': 'comparison',
+    'adapt': 'adaptation', 'AdaptResult': 'adaptation',
+    'train': 'training', 'TrainResult': 'training', 'TrainingInterrupted': 'training',
+    'run_protocol': 'training', 'ProtocolResult': 'training',
+    'InvalidArgument': 'errors',
+}
+
+__all__ = ['__version__', 'register_all', 'regularize_gradients', *_LAZY]
 
 
 def __getattr__(name: str):
-    """``pyiqa_grmp.compare`` is loaded on first use, so that importing the package stays registration only."""
-    if name == 'compare':
-        from .comparison import compare
+    """The API functions are loaded on first use, so that importing the package stays registration only."""
+    if name in _LAZY:
+        import importlib
 
-        return compare
+        return getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -12,10 +12,8 @@ niqe) are negated, and so are lower-better labels (DMOS: pyiqa dataset infos wit
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import textwrap
 import time
 from collections import OrderedDict
@@ -28,10 +26,10 @@ import torch
 
 from .data.fewshot_dataset import few_shot_split
 from .data.labels import LabelledImages, label_source, read_labels
-from .precision import add_precision_argument, add_precision_option
+from .errors import InvalidArgument
+from .precision import add_precision_option
 from .reporting import save_figure_atomically, write_atomically
-from .scoring import (ScoreReport, add_batch_arguments, create_metrics, encode_path, metric_device,
-                      parse_metric_options, score_paths)
+from .scoring import ScoreReport, create_metrics, default_workers, encode_path, metric_device, score_paths
 from .stats import correlation_values, logistic_4, logistic_plcc
 
 
@@ -314,8 +312,8 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
             split_seed: Optional[int] = None, num_shots: Optional[int] = None, train_ratio: float = 0.8,
             mos_lower_better: Optional[bool] = None,
             metric_options: Optional[Mapping[str, Mapping[str, object]]] = None, device: Optional[str] = None,
-            batch_size: int = 8, out_dir: Optional[str] = None, progress: bool = True,
-            workers: int = 0) -> pd.DataFrame:
+            batch_size: int = 8, workers: Optional[int] = None, precision: Optional[str] = None,
+            out_dir: Optional[str] = None, progress: bool = True) -> pd.DataFrame:
     """Score the same labelled images with every metric and return one row of correlations per metric.
 
     Data: ``dataset=`` a pyiqa dataset name (its paths re-rooted from ``./datasets`` to ``data_root``) or
@@ -325,12 +323,14 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
     ``mos_lower_better`` overrides the dataset info's ``lower_better`` (default False for a meta CSV).
 
     ``metrics`` are pyiqa names, optionally ``NAME@TAG`` to compare variants of one metric; the whole string
-    names the row and keys ``metric_options`` (keyword arguments of ``pyiqa.create_metric``). Failures are
-    reported in the ``error``, ``scored`` and ``failed`` columns, never raised; bad arguments raise ValueError.
+    names the row and keys ``metric_options`` (keyword arguments of ``pyiqa.create_metric``). ``precision``
+    ('fp32', 'bf16', 'fp16') applies to the GRMP-IQA metrics only (see :mod:`pyiqa_grmp.precision`); an explicit
+    ``precision`` in ``metric_options`` wins. Failures are reported in the ``error``, ``scored`` and ``failed``
+    columns, never raised; bad arguments raise ValueError.
     ``seconds_per_image`` is the time spent in the metric's calls (retries of failed batches included) per
-    scored image; decoding, in ``workers`` processes (0: this one), is not counted, nor is the fixed resize a
-    metric declares (GRMP-IQA's squash resize), which runs with the decoding so that images of any size are
-    batched together.
+    scored image; decoding, in ``workers`` processes (0: this one; None: :func:`~pyiqa_grmp.scoring.default_workers`,
+    as the command line), is not counted, nor is the fixed resize a metric declares (GRMP-IQA's squash resize),
+    which runs with the decoding so that images of any size are batched together.
     With ``out_dir``: results.csv, results.md, per_image.csv (raw scores) and scatter.png are written there.
     """
     names = list(metrics)
@@ -344,10 +344,15 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
     metric_options = dict(metric_options or {})
     unknown = sorted(set(metric_options) - set(names))
     if unknown:
-        raise ValueError(f'metric_options names metrics that are not compared: {unknown} (keys are the full '
-                         f'names, e.g. grmp_iqa@a)')
+        raise InvalidArgument('metric_options', f'names metrics that are not compared: {unknown} (keys are the '
+                                                f'full names, e.g. grmp_iqa@a)')
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f'batch_size must be an integer >= 1, got {batch_size!r}')
+        raise InvalidArgument('batch_size', f'must be an integer >= 1, got {batch_size!r}')
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or workers < 0:
+        raise InvalidArgument('workers', f'must be an integer >= 0, got {workers!r}')
+    metric_options = add_precision_option(names, metric_options, precision, device,
+                                          lambda name: split_metric_name(name)[0])
     data = load_labelled_images(dataset=dataset, data_root=data_root, meta_info=meta_info, root=root, split=split,
                                 split_seed=split_seed, num_shots=num_shots, train_ratio=train_ratio,
                                 mos_lower_better=mos_lower_better)
@@ -362,53 +367,3 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
     if out_dir is not None:
         _write_outputs(out_dir, table, data, outcomes)
     return table
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``compare`` command to a ``pyiqa-grmp`` sub-command set; its handler is :func:`run_compare_command`."""
-    parser = subparsers.add_parser(
-        'compare', help='compare metrics side by side on a labelled dataset (correlations, table, scatter plot)',
-        description='Score the same labelled images with every metric; report SRCC, KRCC, PLCC, logistic PLCC, '
-                    'failures and time per image. Lower-better metrics are correlated on negated scores.')
-    parser.add_argument('metrics', nargs='+', metavar='METRIC',
-                        help='pyiqa metric names; NAME@TAG compares variants of one metric, e.g. grmp_iqa@mine')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
-    source.add_argument('--meta-info', help='an NR meta CSV: column 0 image path relative to --root, column 1 MOS')
-    parser.add_argument('--data-root', default='./datasets', help='folder of the pyiqa datasets (default ./datasets)')
-    parser.add_argument('--root', help='image folder of --meta-info')
-    parser.add_argument('--split', choices=['all', 'test'], default='all',
-                        help='all rows (default), or the few-shot test split of --split-seed / --num-shots')
-    parser.add_argument('--split-seed', type=int, help='split_seed of the fine-tuning run (with --split test)')
-    parser.add_argument('--num-shots', type=int, help='num_shots of the fine-tuning run (with --split test)')
-    parser.add_argument('--train-ratio', type=float, default=0.8, help='train_ratio of the fine-tuning run')
-    parser.add_argument('--mos-lower-better', action='store_const', const=True, default=None,
-                        help='the labels are DMOS (lower is better); default: the dataset info, else no')
-    parser.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
-                        help='option for one metric (NAME may be NAME@TAG), value parsed as YAML (repeatable)')
-    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
-    add_precision_argument(parser)
-    add_batch_arguments(parser)
-    parser.add_argument('--out', default='results/compare',
-                        help='folder for results.csv, results.md, per_image.csv, scatter.png (default results/compare)')
-    parser.set_defaults(handler=run_compare_command)
-    return parser
-
-
-def run_compare_command(args: argparse.Namespace) -> int:
-    """Run ``pyiqa-grmp compare``: print the table; 0, or 1 when any metric or image failed."""
-    table = compare(args.metrics, dataset=args.dataset, data_root=args.data_root, meta_info=args.meta_info,
-                    root=args.root, split=args.split, split_seed=args.split_seed, num_shots=args.num_shots,
-                    train_ratio=args.train_ratio, mos_lower_better=args.mos_lower_better,
-                    metric_options=add_precision_option(args.metrics, parse_metric_options(args.metric_opt),
-                                                        args.precision, args.device,
-                                                        lambda name: split_metric_name(name)[0]),
-                    device=args.device,
-                    batch_size=args.batch_size, out_dir=args.out, progress=True, workers=args.workers)
-    print(results_markdown(table, table.attrs['description']))
-    print(f'wrote {os.path.join(args.out, "results.csv")}, results.md, per_image.csv and scatter.png')
-    failed = table[table['failed'] > 0]
-    for _, row in failed.iterrows():
-        print(f'FAILED [{row["metric"]}] {row["error"]}', file=sys.stderr)
-    return 1 if len(failed) else 0

@@ -1,4 +1,4 @@
-"""``pyiqa-grmp demo``: the first thing to run after installing.
+"""The demo (``pyiqa-grmp demo``): the first thing to run after installing.
 
 Photos bundled with scikit-image (no download) are scored clean and at 5 levels of 3 distortions by GRMP-IQA
 (the authors' weights, downloaded on first use into pyiqa's cache) and two classic pyiqa metrics that need no
@@ -9,9 +9,7 @@ them in one line and shows the other metrics; it exits 0 either way, and 1 only 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,6 +18,7 @@ import pandas as pd
 import torch
 
 from .data.synthetic import DISTORTIONS, LEVELS, _square
+from .errors import InvalidArgument
 from .stats import srcc
 
 DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
@@ -27,6 +26,8 @@ DEMO_DISTORTIONS = ('gaussian_blur', 'gaussian_noise', 'jpeg')
 #: grmp_iqa plus two pyiqa NR metrics that run offline (no weights or parameter files to fetch).
 DEMO_METRICS = ('grmp_iqa', 'piqe', 'entropy')
 DEFAULT_OUT = os.path.join('results', 'demo')
+#: Smallest side of the demo photos, in pixels.
+MIN_SIZE = 32
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DemoResult:
     level_srcc: Dict[str, float] = field(default_factory=dict)  # metric -> mean SRCC of quality with -level
     notes: List[str] = field(default_factory=list)  # expected (weights offline): exit 0
     problems: List[str] = field(default_factory=list)  # broken: exit 1
+    written: List[str] = field(default_factory=list)  # files written into out_dir
 
 
 def demo_images(size: int = 224, seed: int = 0) -> List[DemoImage]:
@@ -119,12 +121,22 @@ def _ranking(scores: pd.DataFrame, name: str, lower_better: bool) -> Tuple[int, 
 
 
 def run_demo(metrics: Sequence[str] = DEMO_METRICS, metric_options: Optional[Mapping[str, Mapping]] = None,
-             device: Optional[str] = None, size: int = 224, batch_size: int = 16) -> DemoResult:
-    """Score the demo images with every metric that can be created; see the module docstring."""
+             device: Optional[str] = None, size: int = 224, batch_size: int = 16,
+             out_dir: Optional[str] = DEFAULT_OUT) -> DemoResult:
+    """Score the demo images (``size`` pixels square) with every metric that can be created, and write
+    ``scores.csv`` and ``demo.png`` into ``out_dir`` (None: nothing is written); see the module docstring.
+
+    A metric that cannot run is a note (its weights are missing) or a problem (anything else) of the result, never
+    an exception; bad arguments raise ValueError.
+    """
+    from .reporting import write_atomically
+
     metric_options = dict(metric_options or {})
     unknown = sorted(set(metric_options) - set(metrics))
     if unknown:
-        raise ValueError(f'--metric-opt names metrics that the demo does not run: {unknown}')
+        raise InvalidArgument('metric_options', f'names metrics that the demo does not run: {unknown}')
+    if size < MIN_SIZE:
+        raise InvalidArgument('size', f'must be at least {MIN_SIZE} pixels, got {size}')
     images = demo_images(size)
     result = DemoResult(scores=pd.DataFrame({'photo': [i.photo for i in images],
                                              'distortion': [i.distortion for i in images],
@@ -145,6 +157,12 @@ def run_demo(metrics: Sequence[str] = DEMO_METRICS, metric_options: Optional[Map
         result.scores[name] = values.numpy()
         right, total, level_srcc = _ranking(result.scores, name, result.lower_better[name])
         result.ranking[name], result.level_srcc[name] = (right, total), level_srcc
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        result.written.append(os.path.join(out_dir, 'scores.csv'))
+        write_atomically(result.written[-1], result.scores.to_csv(index=False))
+        if result.ranking:
+            result.written.append(draw_strip(result, images, os.path.join(out_dir, 'demo.png')))
     return result
 
 
@@ -193,49 +211,3 @@ def draw_strip(result: DemoResult, images: Sequence[DemoImage], path: str, photo
                     f'{shares}' + ('\n' + result.notes[0].split(';')[0] if result.notes else ''), fontsize=9)
     save_figure_atomically(figure, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``demo`` command to a ``pyiqa-grmp`` sub-command set; its handler is :func:`run_demo_command`."""
-    parser = subparsers.add_parser(
-        'demo', help='score bundled photos, clean and distorted, with grmp_iqa and two other metrics',
-        description='Score photos bundled with scikit-image, clean and at 5 levels of blur, noise and JPEG, with '
-                    'GRMP-IQA and two pyiqa metrics; print the table and how often each metric ranks a series in '
-                    'the right order; write demo.png and scores.csv.')
-    parser.add_argument('--metrics', nargs='+', default=list(DEMO_METRICS), metavar='METRIC',
-                        help=f'NR metrics to run (default: {" ".join(DEMO_METRICS)}, which need no download but '
-                             'grmp_iqa\'s weights)')
-    parser.add_argument('--metric-opt', action='append', default=[], metavar='NAME:KEY=VALUE',
-                        help='option for one metric, value parsed as YAML (repeatable)')
-    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
-    parser.add_argument('--size', type=int, default=224, help='side of the square photos in pixels (default 224)')
-    parser.add_argument('--out', default=DEFAULT_OUT,
-                        help=f'folder for demo.png and scores.csv (default {DEFAULT_OUT})')
-    parser.set_defaults(handler=run_demo_command)
-    return parser
-
-
-def run_demo_command(args: argparse.Namespace) -> int:
-    """Run ``pyiqa-grmp demo``; 0 unless a metric or the images are broken (missing weights are not)."""
-    from .reporting import write_atomically
-    from .scoring import parse_metric_options
-
-    if args.size < 32:
-        raise ValueError(f'--size must be at least 32 pixels, got {args.size}')
-    result = run_demo(args.metrics, parse_metric_options(args.metric_opt), args.device, args.size)
-    for note in result.notes:
-        print(note)
-    print(f'\n{len(DEMO_PHOTOS)} photos ({", ".join(DEMO_PHOTOS)}), each clean and at levels 1-5 of '
-          f'{", ".join(DEMO_DISTORTIONS)}; mean score over the photos:\n')
-    print(summary_table(result))
-    os.makedirs(args.out, exist_ok=True)
-    write_atomically(os.path.join(args.out, 'scores.csv'), result.scores.to_csv(index=False))
-    if result.ranking:
-        draw_strip(result, demo_images(args.size), os.path.join(args.out, 'demo.png'))
-        print(f'\nwrote {os.path.join(args.out, "demo.png")} and scores.csv')
-    for problem in result.problems:
-        print(f'BROKEN {problem}', file=sys.stderr)
-    if not result.ranking:
-        print('no metric could score the images', file=sys.stderr)
-    return 1 if result.problems or not result.ranking else 0

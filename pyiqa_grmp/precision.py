@@ -1,4 +1,5 @@
-"""Scoring precision of GRMP-IQA (``precision: fp32 | bf16 | fp16``) and how the CLI passes it to metrics.
+"""Scoring precision of GRMP-IQA (``precision: fp32 | bf16 | fp16``) and how ``score`` / ``compare`` pass it to
+metrics.
 
 fp32 is exact. bf16 and fp16 run the image and text towers under ``torch.autocast`` (CUDA: both; CPU: bf16
 only, since fp16 matrix products on CPU are slow and not what the official fp16 GPU test measured); the
@@ -7,9 +8,7 @@ softmax) is computed in fp32.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
 from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -73,25 +72,14 @@ def grmp_metric_names(metric_names: Sequence[str], pyiqa_name: Callable[[str], s
 def add_precision_option(metric_names: Sequence[str], options: Mapping[str, Mapping[str, object]],
                          precision: Optional[str], device: Optional[str],
                          pyiqa_name: Callable[[str], str] = lambda name: name) -> Dict[str, Dict[str, object]]:
-    """What ``--precision`` of ``score`` / ``compare`` does: the option for every GRMP-IQA metric.
+    """What ``precision`` of ``score`` / ``compare`` does: the option for every GRMP-IQA metric among
+    ``metric_names``; the others keep their own precision.
 
     Raises ValueError when the precision cannot run on the device (``device`` None: CUDA when available, as
-    pyiqa chooses); prints a note to stderr naming the metrics it does not apply to.
+    pyiqa chooses).
     """
     if precision is None:
         return {name: dict(values) for name, values in options.items()}
     check_precision(precision)
     check_precision_device(precision, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    grmp_names = grmp_metric_names(metric_names, pyiqa_name)
-    others = [name for name in metric_names if name not in grmp_names]
-    if others and precision != 'fp32':
-        print(f'note: --precision {precision} applies to GRMP-IQA metrics only; {", ".join(others)} keep their own '
-              'precision', file=sys.stderr)
-    return with_precision(options, grmp_names, precision)
-
-
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` of ``score`` and ``compare`` (see :func:`add_precision_option`)."""
-    parser.add_argument('--precision', choices=PRECISIONS,
-                        help='GRMP-IQA metrics only: fp32 (default, exact), bf16 (CUDA or CPU) or fp16 (CUDA) '
-                             'autocast of the towers, scores computed in fp32; other metrics are left as they are')
+    return with_precision(options, grmp_metric_names(metric_names, pyiqa_name), precision)

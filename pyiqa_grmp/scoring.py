@@ -49,6 +49,7 @@ from . import distributed
 from .checkpointing import atomic_write
 from .data.image_io import (ImageReadError, NotARegularFileError, decode_image, file_kind, list_images,
                              open_regular_file, printable, unit_float)
+from .errors import InvalidArgument
 
 #: Pixels (per channel) of native-resolution images held before a chunk is scored, whatever the batch size.
 MAX_CHUNK_PIXELS = 48_000_000
@@ -171,21 +172,6 @@ def _pair_references(targets: List[str], target_root: str, ref_path: str, report
 
 
 # ---------------------------------------------------------------------------------------------- the metrics
-def parse_metric_options(specs: Sequence[str]) -> Dict[str, Dict[str, object]]:
-    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts),
-    read by the one bounded, safe YAML reader of :mod:`pyiqa_grmp.options`."""
-    from .options import load_yaml_text
-
-    options: Dict[str, Dict[str, object]] = {}
-    for spec in specs:
-        name, sep, assignment = spec.partition(':')
-        key, eq, value = assignment.partition('=')
-        if not (sep and eq and name and key):
-            raise ValueError(f'--metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
-        options.setdefault(name, {})[key.strip()] = load_yaml_text(value, f'--metric-opt {spec!r}: value')
-    return options
-
-
 def create_metrics(names: Sequence[str], options: Dict[str, Dict[str, object]], device: Optional[str],
                    report: ScoreReport, missing_references: Optional[str] = None,
                    pyiqa_name: Callable[[str], str] = lambda name: name) -> Dict[str, object]:
@@ -226,17 +212,6 @@ def default_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     ranks_here = max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
     return max(1, min(MAX_DEFAULT_WORKERS, cpus // ranks_here))
-
-
-def add_batch_arguments(parser) -> None:
-    """The ``--batch-size`` and ``--workers`` options of the commands that score images (``score``, ``compare``)."""
-    parser.add_argument('--batch-size', type=int, default=8,
-                        help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
-                             'grmp_iqa; equal sizes for the others)')
-    parser.add_argument('--workers', type=int, default=default_workers(),
-                        help='processes decoding images while the metrics run; 0 decodes in the main process '
-                             '(default: the CPUs of this process, shared by the ranks of a machine, at most '
-                             f'{MAX_DEFAULT_WORKERS})')
 
 
 # ------------------------------------------------------------------------------------------ decoding workers
@@ -764,7 +739,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     metric_options = metric_options or {}
     unknown = sorted(set(metric_options) - set(metric_names))
     if unknown:
-        raise ValueError(f'--metric-opt names metrics that are not scored: {unknown}')
+        raise InvalidArgument('metric_options', f'names metrics that are not scored: {unknown}')
     if resume and not csv_path:
         raise ValueError('resume needs the CSV file of the earlier run')
     header = csv_header(metric_names)
@@ -860,3 +835,8 @@ def _write_final_csv(csv_path: str, header: List[str], plan: _Plan, gathered: li
     _write_atomically(csv_path, header, rows)
     for path in existing_part_files(csv_path):
         os.remove(path)
+
+
+def failure_text(report: ScoreReport, image: str) -> str:
+    """The ``errors`` cell of ``image`` in a score CSV: its failures and those of metrics that could not be created."""
+    return ' | '.join(_reason_text(metric, reason) for metric, where, reason in report.errors if where in (image, '*'))

@@ -16,7 +16,7 @@ from pyiqa.archs import build_network
 
 from conftest import make_tiny_model
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
-from pyiqa_grmp.adapt import BOOTSTRAP_RESAMPLES
+from pyiqa_grmp.adaptation import BOOTSTRAP_RESAMPLES
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.stats import bootstrap_indices, bootstrap_intervals, correlation_values
 
@@ -199,7 +199,7 @@ def test_default_start_offline_says_where_to_put_the_weights(labelled, tmp_path,
 def test_paper_preset_has_the_paper_configs_training_settings():
     from pathlib import Path
 
-    from pyiqa_grmp.adapt import PRESETS
+    from pyiqa_grmp.adaptation import PRESETS
 
     config = yaml.safe_load((Path(__file__).resolve().parent.parent / 'configs' / 'finetune_livec_50shot.yml')
                             .read_text())
@@ -210,6 +210,6 @@ def test_paper_preset_has_the_paper_configs_training_settings():
 
 @pytest.mark.parametrize('shots, batch', [(8, 8), (50, 50), (59, 29), (101, 33)])
 def test_batch_is_all_shots_up_to_the_preset_limit_then_equal_parts(shots, batch):
-    from pyiqa_grmp.adapt import batch_size
+    from pyiqa_grmp.adaptation import batch_size
 
     assert batch_size(shots, 50) == batch

@@ -16,7 +16,8 @@ from pyiqa.utils import download_util
 from scipy import stats
 
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
-from pyiqa_grmp.comparison import add_compare_parser, compare, correlations, run_compare_command
+from pyiqa_grmp.commands import compare as compare_command
+from pyiqa_grmp.comparison import compare, correlations
 from pyiqa_grmp.data.fewshot_dataset import FewShotNRDataset
 from pyiqa_grmp.data.synthetic import make_synthetic_dataset
 from pyiqa_grmp.stats import fit_logistic, logistic_4
@@ -43,7 +44,7 @@ def _tiny_grmp(checkpoint, **extra):
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog='pyiqa-grmp')
-    add_compare_parser(parser.add_subparsers(dest='command', required=True))
+    compare_command.add_parser(parser.add_subparsers(dest='command', required=True))
     return parser.parse_args(argv)
 
 
@@ -118,7 +119,7 @@ def test_unavailable_metric_is_reported_with_its_reason_and_the_others_still_run
     out = tmp_path / 'out'
     args = _parse(['compare', 'niqe', 'entropy', '--meta-info', synthetic.tiny, '--root', synthetic.root,
                    '--device', 'cpu', '--out', str(out)])
-    assert run_compare_command(args) == 1
+    assert compare_command.run(args) == 1
     results = _results(out)
     assert (results.loc['niqe', 'scored'], results.loc['niqe', 'failed']) == (0, 13)
     assert results.loc['niqe', 'error'].startswith('cannot create metric:')
@@ -174,7 +175,7 @@ def test_command_line_end_to_end_with_yaml_metric_options(synthetic, tiny_checkp
                    '--metric-opt', f'grmp_iqa:backbone={backbone}',
                    '--metric-opt', f'grmp_iqa:num_visual_prompts={TINY_NUM_PROMPTS}',
                    '--device', 'cpu', '--batch-size', '4', '--out', str(out)])
-    assert args.handler(args) == 0  # the tiny checkpoint only loads into the tiny backbone given as YAML
+    assert compare_command.run(args) == 0  # the tiny checkpoint only loads into the tiny backbone given as YAML
     assert all((out / name).is_file() for name in OUTPUTS)
     assert _results(out).scored.tolist() == [13, 13]
     printed = capsys.readouterr().out

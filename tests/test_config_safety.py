@@ -17,7 +17,7 @@ import yaml
 from pyiqa.models import build_model
 
 from grmp_test_utils import training_options
-from pyiqa_grmp.adapt import SplitPlan, build_options, read_override, set_option
+from pyiqa_grmp.adaptation import SplitPlan, build_options, read_override, set_option
 from pyiqa_grmp.checkpointing import ResumeError, load_state
 from pyiqa_grmp.data.labels import LabelledImages
 from pyiqa_grmp.options import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ConfigError, apply_override,

@@ -5,7 +5,7 @@ import pytest
 from pyiqa.data import build_dataset
 
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
-from pyiqa_grmp.train import parse_training_options
+from pyiqa_grmp.training import parse_training_options
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 PAPER_CONFIGS = ['finetune_livec_50shot.yml', 'finetune_koniq10k_50shot.yml']

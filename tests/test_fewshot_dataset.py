@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError, FewShotNRDataset, few_shot_split
-from pyiqa_grmp.train import fit_batch_to_shots
+from pyiqa_grmp.training import fit_batch_to_shots
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ from pyiqa_grmp.cli import main
 from pyiqa_grmp.models.finetune_model import TrainingConfigError
 from pyiqa_grmp.checkpointing import find_resume_state
 from pyiqa_grmp.evaluation import evaluate_checkpoint
-from pyiqa_grmp.train import parse_training_options
+from pyiqa_grmp.training import parse_training_options
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 

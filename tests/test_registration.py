@@ -98,7 +98,9 @@ def test_benchmark_config_names_the_arch_and_only_its_options():
         assert entry['metric_mode'] == 'NR'
 
 
-def test_compare_is_a_function_of_the_package():
-    import pyiqa_grmp.cli  # noqa: F401  (imports the comparison module, which must not shadow the function)
-
-    assert callable(pyiqa_grmp.compare) and pyiqa_grmp.compare.__name__ == 'compare'
+@pytest.mark.parametrize('name, module', [('compare', 'comparison'), ('adapt', 'adaptation'), ('train', 'training'),
+                                          ('run_protocol', 'training'), ('score', 'api')])
+def test_api_functions_stay_functions_once_their_modules_are_imported(name, module):
+    importlib.import_module(f'pyiqa_grmp.{module}')  # binds pyiqa_grmp.<module>, which must not be pyiqa_grmp.<name>
+    function = getattr(pyiqa_grmp, name)
+    assert callable(function) and function.__name__ == name and function.__module__ == f'pyiqa_grmp.{module}'

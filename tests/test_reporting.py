@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from pyiqa_grmp.reporting import MetricsLog, plot_curves, read_metrics, write_atomically
+from pyiqa_grmp.metrics_log import MetricsLog, read_metrics
+from pyiqa_grmp.reporting import plot_curves, write_atomically
 from pyiqa_grmp.stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
-from pyiqa_grmp.train import train
+from pyiqa_grmp.training import train
 
 CONFIG = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
 
@@ -21,9 +22,9 @@ def short_run(synthetic_workdir):
     cwd = os.getcwd()
     os.chdir(synthetic_workdir)
     try:
-        best = train(['-opt', str(CONFIG), '--force_yml', 'datasets:train:num_shots=8', 'train:total_epoch=4',
-                      'val:val_freq=2', 'logger:save_checkpoint_freq=100', 'name=curves_run'],
-                     root_path=str(synthetic_workdir))
+        best = train(str(CONFIG), ['datasets:train:num_shots=8', 'train:total_epoch=4', 'val:val_freq=2',
+                                   'logger:save_checkpoint_freq=100', 'name=curves_run'],
+                     root_path=str(synthetic_workdir)).best
     finally:
         os.chdir(cwd)
     return {'best': best, 'folder': synthetic_workdir / 'experiments' / 'curves_run'}

@@ -8,7 +8,7 @@ from pyiqa.archs import build_network
 from scipy import stats as scipy_stats
 
 from grmp_test_utils import tiny_model_kwargs
-from pyiqa_grmp.adapt import predict_test_split
+from pyiqa_grmp.adaptation import predict_test_split
 from pyiqa_grmp.data.fewshot_dataset import FewShotNRDataset
 from pyiqa_grmp.evaluation import evaluate_checkpoint, predict_checkpoint
 from pyiqa_grmp.models.base_model import predict_loader

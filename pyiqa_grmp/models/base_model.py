@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpointing import STATE_FORMAT, ResumeError, atomic_torch_save
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
-from ..reporting import METRICS_FILE, MetricsLog
+from ..metrics_log import METRICS_FILE, MetricsLog
 
 
 class TrainingConfigError(ValueError):

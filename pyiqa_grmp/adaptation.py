@@ -1,9 +1,10 @@
-"""``pyiqa-grmp adapt``: fine-tune GRMP-IQA on your own labelled images in one command, and get a report.
+"""Fine-tune GRMP-IQA on your own labelled images in one call (``pyiqa_grmp.adapt``, ``pyiqa-grmp adapt``), and get
+a report.
 
 It checks the data (before any training), splits the labelled images into shots / validation carve-out /
 held-out test, writes the full training YAML (``RUN_DIR/options.yml``, rerunnable with ``pyiqa-grmp train -opt``),
-scores the held-out images with the starting model (zero-shot), fine-tunes with ``pyiqa-grmp train`` (checkpoint
-chosen on the carve-out), scores the held-out images again, and writes into ``RUN_DIR``:
+scores the held-out images with the starting model (zero-shot), fine-tunes with :func:`pyiqa_grmp.train`
+(checkpoint chosen on the carve-out), scores the held-out images again, and writes into ``RUN_DIR``:
 
 - ``model.pth``: the chosen checkpoint, for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``;
 - ``report.md`` and ``summary.json``: data, split sizes, settings, held-out SRCC / PLCC / KRCC with bootstrap 95 %
@@ -14,7 +15,6 @@ chosen on the carve-out), scores the held-out images again, and writes into ``RU
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
@@ -30,9 +30,10 @@ import pandas as pd
 
 from .data.fewshot_dataset import few_shot_split
 from .data.labels import LabelledImages, label_source, read_labels
+from .errors import InvalidArgument
+from .metrics_log import METRICS_FILE, read_metrics
 from .options import check_option_values
-from .reporting import (CURVES_FILE, METRICS_FILE, copy_atomically, plot_curves, read_metrics, scatter_before_after,
-                        write_atomically)
+from .reporting import CURVES_FILE, copy_atomically, plot_curves, scatter_before_after, write_atomically
 from .stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
 
 #: Fewest held-out test images for correlations worth reporting, and fewest carve-out images to choose on.
@@ -83,6 +84,28 @@ class SplitPlan:
         return {role: int(len(rows)) for role, rows in self.indices.items()}
 
 
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` wrote: the run folder, the adapted checkpoint, the report, and the report as data."""
+
+    out_dir: str
+    model_path: str  # OUT_DIR/model.pth, for pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)
+    report_path: str  # OUT_DIR/report.md
+    experiment_dir: str  # the training run (pyiqa's log, metrics.jsonl, checkpoints, states)
+    summary: dict  # summary.json: data, split counts, settings, held-out results with intervals, usage lines
+
+    @property
+    def usage(self) -> Dict[str, str]:
+        """The Python and command lines that score images with the adapted model (``'python'``, ``'cli'``)."""
+        return self.summary['usage']
+
+
+def describe_split(counts: Mapping[str, int], seed: int) -> str:
+    """The split in one line: shots, carve-out, held-out test and unused images."""
+    return (f'split (seed {seed}): {counts["shots"]} shots, {counts["val"]} validation carve-out, {counts["test"]} '
+            f'held-out test, {counts["unused"]} unused')
+
+
 # ------------------------------------------------------------------------------------------------- the data
 def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dataset: Optional[str] = None,
                 data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledImages:
@@ -108,31 +131,31 @@ def plan_split(labels: LabelledImages, shots: str = 'all', test_ratio: float = 0
     MOS that vary within each part (``shots`` is a number or 'all': every pool image not in the carve-out)."""
     total = len(labels.images)
     if not 0 < test_ratio < 1:
-        raise ValueError(f'--test-ratio must be between 0 and 1, got {test_ratio}')
+        raise InvalidArgument('test_ratio', f'must be between 0 and 1, got {test_ratio}')
     train_ratio = 1.0 - test_ratio
     pool = int(math.floor(train_ratio * total))
     num_test = total - pool
     if num_val is None:
         num_val = max(5, round(0.1 * total))
     if num_val < MIN_VAL_IMAGES:
-        raise ValueError(f'--num-val must be at least {MIN_VAL_IMAGES} (the checkpoint is chosen on their '
-                         f'correlations), got {num_val}')
+        raise InvalidArgument('num_val', f'must be at least {MIN_VAL_IMAGES} (the checkpoint is chosen on their '
+                                         f'correlations), got {num_val}')
     if shots == 'all':
         num_shots = pool - num_val
     else:
         try:
             num_shots = int(shots)
         except ValueError:
-            raise ValueError(f'--shots must be a number or "all", got {shots!r}') from None
+            raise InvalidArgument('shots', f'must be a number or "all", got {shots!r}') from None
         if num_shots < 2:
-            raise ValueError(f'--shots must be at least 2, got {num_shots}')
+            raise InvalidArgument('shots', f'must be at least 2, got {num_shots}')
     needed = max(num_shots, 2) + num_val
     if num_test < MIN_TEST_IMAGES or needed > pool:
         raise ValueError(
             f'{total} labelled images are too few: {max(num_shots, 2)} shots + {num_val} validation carve-out + at '
-            f'least {MIN_TEST_IMAGES} held-out test images are needed, and --test-ratio {test_ratio} holds out '
-            f'{num_test} and leaves a pool of {pool} for shots and carve-out. Label more images, or lower --shots / '
-            f'--num-val, or change --test-ratio.')
+            f'least {MIN_TEST_IMAGES} held-out test images are needed, and a test ratio of {test_ratio} holds out '
+            f'{num_test} and leaves a pool of {pool} for shots and carve-out. Label more images, or use fewer shots '
+            f'or a smaller carve-out, or another test ratio.')
     indices = few_shot_split(total, num_shots, seed, train_ratio, num_val)
     used = np.zeros(total, dtype=bool)
     for rows in indices.values():
@@ -144,7 +167,7 @@ def plan_split(labels: LabelledImages, shots: str = 'all', test_ratio: float = 0
         values = labels.mos[plan.indices[role]]
         if np.ptp(values) == 0:
             raise ValueError(f'every {role} image of split seed {seed} has the score {values[0]:g}; labels must vary '
-                             f'within each part (min-max normalisation, correlations): try another --seed')
+                             f'within each part (min-max normalisation, correlations): try another seed')
     return plan
 
 
@@ -221,9 +244,9 @@ def batch_size(num_shots: int, max_batch: int) -> int:
 
 def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: str, device: Optional[str],
                   seed: int) -> dict:
-    """The full training options of an adapt run (before ``--override`` and ``--set``)."""
+    """The full training options of an adapt run (before ``override_file`` and ``overrides``)."""
     if preset not in PRESETS:
-        raise ValueError(f'--preset must be one of {sorted(PRESETS)}, got {preset!r}')
+        raise InvalidArgument('preset', f'must be one of {sorted(PRESETS)}, got {preset!r}')
     settings = PRESETS[preset]
     split = {'type': 'FewShotNRDataset', 'dataroot_target': labels.root, 'meta_info_file': labels.meta_info,
              'num_shots': plan.num_shots, 'split_seed': seed, 'train_ratio': plan.train_ratio,
@@ -295,7 +318,8 @@ def predict_test_split(options: dict, checkpoint: str, device: str) -> Dict[str,
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _interval(value: float, interval) -> str:
+def interval_text(value: float, interval: Sequence[float]) -> str:
+    """``value [low, high]`` with 4 decimals."""
     return f'{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]'
 
 
@@ -306,10 +330,10 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
     table = ['| model | SRCC [95 % CI] | PLCC [95 % CI] | KRCC [95 % CI] |', '|---|---|---|---|']
     for key, label in (('before', 'starting model, zero-shot'), ('after', 'adapted (model.pth)')):
         row = results[key]
-        table.append(f'| {label} | ' + ' | '.join(_interval(row[m], row[f'{m}_ci']) for m in ('srcc', 'plcc', 'krcc'))
-                     + ' |')
+        table.append(f'| {label} | ' + ' | '.join(interval_text(row[m], row[f'{m}_ci'])
+                                                  for m in ('srcc', 'plcc', 'krcc')) + ' |')
     gain = results['gain']
-    table.append('| gain (paired) | ' + ' | '.join(_interval(gain[m], gain[f'{m}_ci'])
+    table.append('| gain (paired) | ' + ' | '.join(interval_text(gain[m], gain[f'{m}_ci'])
                                                 for m in ('srcc', 'plcc', 'krcc')) + ' |')
     settings = summary['settings']
     best = summary['training'].get('best')
@@ -342,50 +366,69 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- adapt
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(text, file=sys.stderr, flush=True)
+
+
 def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] = None,
           dataset: Optional[str] = None, data_root: str = './datasets', shots: str = 'all', test_ratio: float = 0.2,
           num_val: Optional[int] = None, start: Optional[str] = None, preset: str = 'paper',
-          device: Optional[str] = None, seed: int = 0, lower_better: Optional[bool] = None,
-          override: Optional[str] = None, assignments: Sequence[str] = ()) -> dict:
-    """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir`` (see the
-    module docstring). Every check on the data and options runs before training; returns the summary."""
+          device: Optional[str] = None, seed: int = 0, mos_lower_better: Optional[bool] = None,
+          override_file: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = True) -> AdaptResult:
+    """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir``.
+
+    Data: ``meta_info`` a CSV (column 1 the image path relative to ``root``, column 2 the score) with ``root`` its
+    image folder, or ``dataset`` a pyiqa NR dataset name in pyiqa's layout under ``data_root``.
+    ``mos_lower_better``: the scores are DMOS (default: the dataset info's, else False). Split (seeded by
+    ``seed``, as ``FewShotNRDataset``): ``test_ratio`` of the images held out for the report, ``num_val`` (default
+    10 %, at least 5) carved out of the rest to choose the checkpoint on, ``shots`` (a number, or 'all': every
+    remaining image) to train on. ``start``: the checkpoint to start from (default: ``grmp_iqa``'s default
+    weights). ``preset``: 'paper' or 'cpu' (:data:`PRESETS`); ``override_file`` (a YAML mapping) and
+    ``overrides`` (``KEY:SUB=VALUE`` strings, values as YAML) change the generated training options.
+    ``device``: 'cpu' or 'cuda' (default: cuda when available). ``progress`` prints the steps on stderr.
+
+    Every check on the data and options runs before training (ValueError / FileNotFoundError naming the problem).
+    Writes model.pth, report.md, summary.json, predictions.csv, split.csv, options.yml, curves.png, scatter.png
+    and the training run under ``experiments/``; returns where they are and the summary.
+    """
     import torch
     import yaml
 
     from .pretrained import DEFAULT_VARIANT, resolve_weights
-    from .train import train
+    from .training import train
 
     if preset not in PRESETS:
-        raise ValueError(f'--preset must be one of {sorted(PRESETS)}, got {preset!r}')
+        raise InvalidArgument('preset', f'must be one of {sorted(PRESETS)}, got {preset!r}')
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, 'model.pth')):
-        raise ValueError(f'{out_dir} already holds an adapted model.pth; choose another --out or remove it')
-    labels = load_labels(meta_info, root, dataset, data_root, lower_better)
+        raise InvalidArgument('out_dir', f'{out_dir} already holds an adapted model.pth; choose another folder or '
+                                         'remove it')
+    labels = load_labels(meta_info, root, dataset, data_root, mos_lower_better)
     plan = plan_split(labels, shots, test_ratio, num_val, seed)
     used = np.concatenate([plan.indices[r] for r in ('shots', 'val', 'test')])
     check_images([labels.images[i] for i in sorted(used)])
     if start is None:
         start = resolve_weights(DEFAULT_VARIANT)  # the metric's default weights; offline: says where to put them
     elif not os.path.isfile(start):
-        raise FileNotFoundError(f'--from checkpoint {start} not found')
+        raise FileNotFoundError(f'start checkpoint {start} not found')
     options = build_options(labels, plan, preset, start, device, seed)
     changed = []
-    if override is not None:
-        options = merge_options(options, read_override(override))
-        changed.append(f'`--override {override}`')
-    for assignment in assignments:
+    if override_file is not None:
+        options = merge_options(options, read_override(override_file))
+        changed.append(f'options from `{override_file}`')
+    for assignment in overrides:
         set_option(options, assignment)
-        changed.append(f'`--set {assignment}`')
-    check_option_values(options, 'the training options of adapt (after --override and --set)')
+        changed.append(f'`{assignment}`')
+    check_option_values(options, 'the training options of adapt (after the override file and overrides)')
     resize = options['network'].get('resize', 244)
     for phase in ('train', 'val'):  # images are stored at the network's resize, whatever it is
         options['datasets'][phase]['resize'] = resize
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
     counts = plan.counts()
-    print(f'data: {labels.description}: {len(labels.images)} labelled images', flush=True)
-    print(f'split (seed {seed}): {counts["shots"]} shots, {counts["val"]} validation carve-out, {counts["test"]} '
-          f'held-out test, {counts["unused"]} unused', flush=True)
+    _say(progress, f'data: {labels.description}: {len(labels.images)} labelled images')
+    _say(progress, describe_split(counts, seed))
     os.makedirs(out_dir, exist_ok=True)
     roles = np.empty(len(labels.images), dtype=object)
     for role, rows in plan.indices.items():
@@ -394,17 +437,16 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     write_atomically(os.path.join(out_dir, 'split.csv'), split_table.to_csv(index=False))
     options_path = os.path.join(out_dir, 'options.yml')
     write_atomically(options_path, yaml.safe_dump(options, sort_keys=False))
-    print(f'wrote {options_path}', flush=True)
+    _say(progress, f'wrote {options_path}')
 
-    print(f'scoring the {counts["test"]} held-out images with the starting model (zero-shot)', flush=True)
+    _say(progress, f'scoring the {counts["test"]} held-out images with the starting model (zero-shot)')
     before = predict_test_split(options, start, run_device)
-    train(['-opt', options_path], root_path=out_dir)
-    experiment = os.path.join(out_dir, 'experiments', options['name'])
-    best_checkpoint = os.path.join(experiment, 'models', 'net_best.pth')
-    if not os.path.isfile(best_checkpoint):
-        raise FileNotFoundError(f'training wrote no {best_checkpoint}: no validation ran (see {experiment})')
+    trained = train(options_path, root_path=out_dir)
+    experiment = trained.experiment_dir
+    if trained.best_checkpoint is None:
+        raise FileNotFoundError(f'training wrote no net_best.pth: no validation ran (see {experiment})')
     model_path = os.path.join(out_dir, 'model.pth')
-    copy_atomically(best_checkpoint, model_path)
+    copy_atomically(trained.best_checkpoint, model_path)
     after = predict_test_split(options, model_path, run_device)
     if not np.array_equal(before['paths'], after['paths']):
         raise RuntimeError('the held-out images differ between the two evaluations')
@@ -444,63 +486,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     mos_label = 'MOS' + (' (lower is better)' if labels.lower_better else '')
     scatter_before_after(before['mos'], before['pred'], after['pred'], os.path.join(out_dir, 'scatter.png'),
                          mos_label=mos_label, titles=('starting model (zero-shot)', 'adapted'))
-    write_atomically(os.path.join(out_dir, 'report.md'), _report_markdown(summary, lines))
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def add_adapt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``adapt`` command to a ``pyiqa-grmp`` sub-command set; its handler is :func:`run_adapt_command`."""
-    parser = subparsers.add_parser(
-        'adapt', help='fine-tune GRMP-IQA on your labelled images and write model.pth and a report',
-        description='Split labelled images into shots / validation carve-out / held-out test, fine-tune GRMP-IQA, '
-                    'choose the checkpoint on the carve-out and report held-out correlations against the starting '
-                    'model. Everything goes to --out.')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--meta-info', help='CSV: column 1 image path relative to --root, column 2 score (MOS)')
-    source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
-    parser.add_argument('--root', help='image folder of --meta-info')
-    parser.add_argument('--data-root', default='./datasets', help='folder of the pyiqa datasets (default ./datasets)')
-    parser.add_argument('--out', required=True, metavar='RUN_DIR', help='folder for the model, report and run')
-    parser.add_argument('--shots', default='all', help='labelled images to train on, or "all" (default): every '
-                                                       'image not held out or carved out')
-    parser.add_argument('--test-ratio', type=float, default=0.2, help='share of images held out for the report '
-                                                                       '(default 0.2)')
-    parser.add_argument('--num-val', type=int, help='images carved out of the pool to choose the checkpoint on '
-                                                    '(default: 10 %% of the images, at least 5)')
-    parser.add_argument('--from', dest='start', metavar='CHECKPOINT',
-                        help="starting GRMP-IQA checkpoint (ours or official); default: grmp_iqa's default weights")
-    parser.add_argument('--preset', choices=sorted(PRESETS), default='paper',
-                        help='; '.join(f'{name}: {text}' for name, text in PRESET_HELP.items()))
-    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
-    parser.add_argument('--seed', type=int, default=0, help='split, training and bootstrap seed (default 0)')
-    parser.add_argument('--lower-better', action='store_const', const=True, default=None,
-                        help='the scores are DMOS (lower is better); default: the dataset info, else no')
-    parser.add_argument('--override', metavar='YAML',
-                        help='training options merged into the generated ones, e.g. a smaller backbone '
-                             '(configs/smoke/adapt_tiny.yml); read as plain data')
-    parser.add_argument('--set', dest='assignments', action='append', default=[], metavar='KEY:SUB=VALUE',
-                        help='one training option, value parsed as YAML, e.g. train:total_epoch=5 (repeatable)')
-    parser.set_defaults(handler=run_adapt_command)
-    return parser
-
-
-def run_adapt_command(args: argparse.Namespace) -> int:
-    """Run ``pyiqa-grmp adapt`` and print the held-out results and the lines that use the model."""
-    summary = adapt(args.out, meta_info=args.meta_info, root=args.root, dataset=args.dataset,
-                    data_root=args.data_root, shots=args.shots, test_ratio=args.test_ratio, num_val=args.num_val,
-                    start=args.start, preset=args.preset, device=args.device, seed=args.seed,
-                    lower_better=args.lower_better, override=args.override, assignments=args.assignments)
-    results = summary['results']
-    print(f'\nheld-out test, {summary["split"]["test"]} images (95 % bootstrap intervals):')
-    for key, label in (('before', 'starting model (zero-shot)'), ('after', 'adapted'), ('gain', 'gain')):
-        row = results[key]
-        print(f'  {label:<27} ' + '  '.join(f'{m.upper()} {_interval(row[m], row[m + "_ci"])}'
-                                           for m in ('srcc', 'plcc', 'krcc')))
-    out = os.path.abspath(args.out)
-    print(f'\nwrote {out}/model.pth, report.md, summary.json, predictions.csv, split.csv, curves.png, scatter.png')
-    print('\nuse the model from Python:')
-    print(summary['usage']['python'])
-    print('or from the command line:')
-    print(summary['usage']['cli'])
-    return 0
+    report_path = os.path.join(out_dir, 'report.md')
+    write_atomically(report_path, _report_markdown(summary, lines))
+    return AdaptResult(out_dir=out_dir, model_path=model_path, report_path=report_path, experiment_dir=experiment,
+                       summary=summary)

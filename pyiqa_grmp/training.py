@@ -18,7 +18,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from pyiqa.utils import get_root_logger
@@ -29,11 +30,19 @@ from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerp
                             remove_stale_temporaries, restore_rng, resume_fingerprint)
 from .data.samplers import ResumableSampler, SeededItems
 from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
-from .options import ConfigError, dump_yaml, parse_training_argv, prepare_options
+from .errors import InvalidArgument
+from .options import (ConfigError, apply_override, build_argument_parser, dump_yaml, parse_training_argv,
+                      prepare_options)
 from .trusted_loading import trusted_loading
 
 #: ``--launcher`` values (pyiqa's names) -> the launchers of :mod:`pyiqa_grmp.distributed`.
 LAUNCHERS = {'none': None, 'pytorch': 'torchrun', 'slurm': 'slurm'}
+#: Where the checkpoint choice of the protocol is made (``select``), and what it means.
+SELECTIONS = {'val': 'checkpoint chosen on the validation carve-out of the training pool',
+              'test': 'checkpoint chosen on the TEST split, as the official code does: optimistic'}
+
+#: Training options: a mapping (as a YAML would hold them) or the path of a YAML file.
+Options = Union[Mapping[str, Any], str, 'os.PathLike[str]']
 
 
 class TrainingInterrupted(RuntimeError):
@@ -53,10 +62,32 @@ def parse_training_options(argv: Sequence[str], root_path: str) -> Tuple[dict, A
     generators are seeded with the final ``manual_seed``, after the overrides.
     """
     opt, args = parse_training_argv(argv)
+    return _prepared(opt, args, root_path)
+
+
+def _prepared(opt: dict, args, root_path: str) -> Tuple[dict, Any]:
     rank, world_size = join_launch(opt, args.launcher)
     opt = prepare_options(opt, args, root_path, rank=rank, world_size=world_size)
     check_training_options(opt)
     return opt, args
+
+
+def read_training_options(options: Options, overrides: Sequence[str] = (), launcher: str = 'none',
+                          auto_resume: bool = False, debug: bool = False) -> Tuple[dict, Any]:
+    """Options (a mapping, copied, or a YAML path, read as plain data) with ``overrides`` applied, and the
+    arguments pyiqa's training scripts would have parsed for them (``-opt``, ``--launcher``, ...)."""
+    if launcher not in LAUNCHERS:
+        raise InvalidArgument('launcher', f'must be one of {", ".join(LAUNCHERS)}, got {launcher!r}')
+    mapping = isinstance(options, Mapping)
+    source = f'{options.get("name", "options")}.yml' if mapping else os.fspath(options)  # a mapping's copy: NAME.yml
+    argv = ['-opt', source, '--launcher', launcher, *(['--auto_resume'] if auto_resume else []),
+            *(['--debug'] if debug else []), *(['--force_yml', *overrides] if overrides else [])]
+    if not mapping:
+        return parse_training_argv(argv)
+    opt = copy.deepcopy(dict(options))
+    for entry in overrides:
+        apply_override(opt, entry)
+    return opt, build_argument_parser().parse_args(argv)
 
 
 def join_launch(opt: dict, launcher: str) -> Tuple[int, int]:
@@ -386,15 +417,41 @@ def _check_ranks_agree(model) -> None:
     get_root_logger().info(f'weights identical on all {len(checksums)} ranks (checksum {checksum:.6f})')
 
 
-def train(argv: Sequence[str], root_path: Optional[str] = None) -> Dict[str, Any]:
-    """Train from a YAML (``-opt``) with the plugin loaded; returns the best validation results."""
+@dataclass
+class TrainResult:
+    """What a training run left: its experiment folder, checkpoints, best validation results and curves."""
+
+    experiment_dir: str
+    best_checkpoint: Optional[str]  # models/net_best.pth; None when no validation ran
+    latest_checkpoint: str  # models/net_latest.pth, the weights at the end
+    best: Dict[str, Any] = field(default_factory=dict)  # per validation set and metric: {'val': ..., 'iter': ...}
+    curves: Optional[str] = None  # curves.png, drawn from metrics.jsonl (rank 0 only)
+
+
+def train(options: Options, overrides: Sequence[str] = (), *, auto_resume: bool = False, launcher: str = 'none',
+          debug: bool = False, root_path: Optional[str] = None) -> TrainResult:
+    """Train GRMP-IQA (or any model of pyiqa's registries) from pyiqa-style training options.
+
+    ``options``: a mapping as a training YAML holds it (``name``, ``model_type``, ``network``, ``datasets``,
+    ``train``, ``val``, ``path``, ``logger``; see ``configs/``) or the path of such a YAML, read as plain data.
+    ``overrides``: ``KEY:SUB=VALUE`` strings, values as YAML (``--force_yml``), e.g. ``'train:total_epoch=5'``.
+    The experiment lands in ``root_path`` (default: the current folder) under ``experiments/<name>``.
+    ``auto_resume`` continues from the newest usable training state, exactly as if the run had not stopped.
+    ``launcher``: 'none', or 'pytorch' / 'slurm' to join the process group of torchrun / srun. ``debug`` is
+    pyiqa's debug mode (a few iterations). SIGTERM / SIGINT write a training state and raise
+    :class:`TrainingInterrupted`; a malformed configuration raises ValueError before anything runs.
+    """
     from .reporting import plot_run_curves
 
     root_path = root_path or os.getcwd()
-    opt, args = parse_training_options(argv, root_path)
+    opt, args = _prepared(*read_training_options(options, overrides, launcher, auto_resume, debug), root_path)
     best = run_training(opt, args, root_path)
-    plot_run_curves(opt)
-    return best
+    models = opt['path']['models']
+    best_checkpoint = os.path.join(models, 'net_best.pth')
+    return TrainResult(experiment_dir=opt['path']['experiments_root'],
+                       best_checkpoint=best_checkpoint if os.path.isfile(best_checkpoint) else None,
+                       latest_checkpoint=os.path.join(models, 'net_latest.pth'), best=best,
+                       curves=plot_run_curves(opt))
 
 
 # -------------------------------------------------------------------------------------------------- protocol
@@ -402,14 +459,32 @@ def _fewshot_datasets(opt: dict) -> List[dict]:
     return [d for d in opt['datasets'].values() if d.get('type') == 'FewShotNRDataset']
 
 
-def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_dir: Optional[str] = None,
-                 root_path: Optional[str] = None) -> List[dict]:
+@dataclass
+class ProtocolResult:
+    """Every run of the protocol (split seed, test SRCC / PLCC / KRCC, checkpoint) and their mean, median and std."""
+
+    runs: List[dict]
+    summary: Dict[str, Dict[str, float]]  # 'mean' / 'median' / 'std' -> {'srcc': ..., 'plcc': ..., 'krcc': ...}
+    select: str
+    out_dir: Optional[str]  # protocol.csv and protocol.md; None on ranks > 0, which write nothing
+
+    @property
+    def selection(self) -> str:
+        """How each run's checkpoint was chosen, in words."""
+        return SELECTIONS[self.select]
+
+
+def run_protocol(options: Options, overrides: Sequence[str] = (), *, runs: int = 10, select: str = 'val',
+                 launcher: str = 'none', out_dir: Optional[str] = None,
+                 root_path: Optional[str] = None) -> ProtocolResult:
     """The paper's protocol: per run a new random split and N-shot sample, train, evaluate on that run's test split.
 
-    ``select='val'`` picks each run's checkpoint on the validation carve-out of the pool; ``select='test'``
-    reproduces the official code, which picks the best epoch on the test split itself (optimistic). Under
-    ``--launcher pytorch`` the runs are spread over the ranks, each trained by one rank alone; rank 0 writes the
-    tables, the same as one process's. Returns every run's row (on every rank).
+    ``options`` / ``overrides`` as for :func:`train`, with ``FewShotNRDataset`` datasets; run ``k`` uses split seed
+    and manual seed ``+ k``. ``select='val'`` picks each run's checkpoint on the validation carve-out of the pool;
+    ``select='test'`` reproduces the official code, which picks the best epoch on the test split itself
+    (optimistic). Under ``launcher='pytorch'`` the runs are spread over the ranks, each trained by one rank alone;
+    rank 0 writes ``protocol.csv`` and ``protocol.md`` into ``out_dir`` (default
+    ``experiments/<name>_protocol``), the same as one process's. Every rank gets every run.
     """
     import pandas as pd
     from pyiqa.utils.options import make_paths
@@ -418,10 +493,12 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     from .evaluation import evaluate_checkpoint
     from .options import seed_everything
 
-    if select not in ('val', 'test'):
-        raise ValueError(f'select must be val or test, got {select!r}')
+    if select not in SELECTIONS:
+        raise InvalidArgument('select', f'must be val or test, got {select!r}')
+    if runs < 1:
+        raise InvalidArgument('runs', f'must be at least 1, got {runs}')
     root_path = root_path or os.getcwd()
-    base_opt, args = parse_training_argv(argv)
+    base_opt, args = read_training_options(options, overrides, launcher)
     rank, world_size = join_launch(base_opt, args.launcher)
     base_opt = prepare_options(base_opt, args, root_path)  # each run is one process: rank 0 of 1
     check_training_options(base_opt)
@@ -431,7 +508,7 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
     if not val_sets:
         raise ValueError('the protocol needs a val dataset to choose the checkpoint')
     if select == 'val' and any(int(d.get('num_val', 0)) == 0 for d in val_sets):
-        raise ValueError('--select val needs num_val > 0 on the val dataset (a carve-out of the training pool)')
+        raise InvalidArgument('select', "'val' needs num_val > 0 on the val dataset (a carve-out of the training pool)")
     first_seed = int(_fewshot_datasets(base_opt)[0].get('split_seed', 0))
     device = 'cuda' if base_opt.get('num_gpu', 0) != 0 and torch.cuda.is_available() else 'cpu'
     rows = []
@@ -452,30 +529,27 @@ def run_protocol(argv: Sequence[str], runs: int = 10, select: str = 'val', out_d
         best = os.path.join(opt['path']['models'], 'net_best.pth')
         result = evaluate_checkpoint(opt['network'], best, test_opt, device=device)
         rows.append({'run': run, 'split_seed': seed, **result, 'checkpoint': best})
-        print(f'run {run}: split_seed {seed}  test SRCC {result["srcc"]:.4f}  PLCC {result["plcc"]:.4f}', flush=True)
+        get_root_logger().info(f'protocol run {run}: split_seed {seed}  test SRCC {result["srcc"]:.4f}  '
+                               f'PLCC {result["plcc"]:.4f}')
     if world_size > 1:
         rows = sorted((row for part in all_gather_objects(rows) for row in part), key=lambda row: row['run'])
-        if rank != 0:
-            return rows
-
     table = pd.DataFrame(rows)
     metrics = ['srcc', 'plcc', 'krcc']
     summary = pd.DataFrame([{'run': stat, **{m: getattr(table[m], stat)() for m in metrics}}
                             for stat in ('mean', 'median', 'std')])
+    result = ProtocolResult(runs=rows, summary={s['run']: {m: float(s[m]) for m in metrics}
+                                                 for _, s in summary.iterrows()}, select=select, out_dir=None)
+    if rank != 0:
+        return result
     out_dir = out_dir or os.path.join(root_path, 'experiments', f'{base_opt["name"]}_protocol')
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, 'protocol.csv'),
                       pd.concat([table, summary], ignore_index=True).to_csv(index=False))
-    selection = ('checkpoint chosen on the validation carve-out of the training pool' if select == 'val' else
-                 'checkpoint chosen on the TEST split, as the official code does: optimistic')
-    lines = [f'# {base_opt["name"]}: {runs} runs, {selection}', '', '| run | split_seed | test images | SRCC | PLCC |',
-             '|---|---|---|---|---|']
+    lines = [f'# {base_opt["name"]}: {runs} runs, {SELECTIONS[select]}', '',
+             '| run | split_seed | test images | SRCC | PLCC |', '|---|---|---|---|---|']
     lines += [f'| {r["run"]} | {r["split_seed"]} | {r["num_test"]} | {r["srcc"]:.4f} | {r["plcc"]:.4f} |' for r in rows]
     for _, s in summary.iterrows():
         lines.append(f'| **{s["run"]}** | | | {s["srcc"]:.4f} | {s["plcc"]:.4f} |')
     atomic_write_text(os.path.join(out_dir, 'protocol.md'), '\n'.join(lines) + '\n')
-    print(f'\n{selection}')
-    print(f'SRCC mean {table.srcc.mean():.4f} median {table.srcc.median():.4f} | '
-          f'PLCC mean {table.plcc.mean():.4f} median {table.plcc.median():.4f}')
-    print(f'wrote {out_dir}/protocol.csv and protocol.md')
-    return rows
+    result.out_dir = out_dir
+    return result
