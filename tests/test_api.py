@@ -17,7 +17,8 @@ from PIL import Image
 
 import pyiqa_grmp
 from grmp_test_utils import photo
-from pyiqa_grmp.adaptation import LabelledSet, plan_split
+from pyiqa_grmp.adaptation import plan_split
+from pyiqa_grmp.data.labels import LabelledImages
 from pyiqa_grmp.cli import build_parser, main
 
 SMOKE_FINETUNE = Path(__file__).resolve().parent.parent / 'configs' / 'smoke' / 'finetune_synthetic.yml'
@@ -105,11 +106,11 @@ def test_api_errors_name_the_argument_and_the_command_its_flag(folder, capsys):
 
 
 def test_adapt_errors_in_library_words_become_flags_on_the_command_line(tmp_path, capsys):
-    labels = LabelledSet(meta_info='labels.csv', root='.', paths=[f'{i}.png' for i in range(60)],
-                         mos=np.linspace(1, 5, 60), lower_better=False, description='test')
+    labels = LabelledImages(images=[f'{i}.png' for i in range(60)], mos=np.linspace(1, 5, 60), description='test',
+                            meta_info='labels.csv', root='.')
     with pytest.raises(ValueError, match=r'^shots must be a number or "all"'):
         plan_split(labels, shots='many')
-    pd.DataFrame({'image': labels.paths, 'mos': labels.mos}).to_csv(tmp_path / 'labels.csv', index=False)
+    pd.DataFrame({'image': labels.images, 'mos': labels.mos}).to_csv(tmp_path / 'labels.csv', index=False)
     assert main(['adapt', '--meta-info', str(tmp_path / 'labels.csv'), '--root', str(tmp_path), '--out',
                  str(tmp_path / 'run'), '--shots', 'many']) == 2
     assert 'pyiqa-grmp adapt: error: --shots must be a number or "all"' in capsys.readouterr().err
