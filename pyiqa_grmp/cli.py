@@ -14,8 +14,9 @@ from .adapt import add_adapt_parser
 from .comparison import add_compare_parser
 from .data.image_io import printable
 from .demo import add_demo_parser
+from .options import parse_metric_options
 from .precision import add_precision_argument, add_precision_option
-from .scoring import ScoreReport, add_batch_arguments, parse_metric_options, score_images
+from .scoring import ScoreReport, add_batch_arguments, score_images
 
 
 def _print_report(report: ScoreReport, verbose: bool) -> None:
@@ -29,8 +30,9 @@ def _print_report(report: ScoreReport, verbose: bool) -> None:
     print(f'{"metric":<{width}}  {"mean":>10}  {"scored":>6}  {"failed":>6}')
     for metric, mean, scored, failed in report.summary():
         print(f'{metric:<{width}}  {mean:>10.4f}  {scored:>6d}  {failed:>6d}')
-    for metric, image, reason in report.errors:
-        print(f'FAILED [{metric}] {printable(image)}: {printable(reason)}', file=sys.stderr)
+    for failure in report.errors:
+        print(f'FAILED [{failure.metric or "*"}] {printable(failure.image or "*")}: {printable(failure.reason)}',
+              file=sys.stderr)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
