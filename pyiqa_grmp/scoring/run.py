@@ -67,7 +67,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     """Score every image of ``target`` (folder, ``.txt`` list or file) with every metric; failures are recorded,
     never raised or skipped.
 
-    Metric names and option keys are checked first: an unknown one is a
+    Unless ``metrics`` are given, metric names and option keys are checked first: an unknown one is a
     :class:`~pyiqa_grmp.scoring.metrics.MetricRequestError` before anything is read or scored.
     With ``csv_path`` rows are written as batches finish and the file is rewritten at the end in image order
     (atomically); ``resume`` keeps the rows already there (and in part files) and scores only the missing images.
