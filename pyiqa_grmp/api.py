@@ -37,7 +37,7 @@ def score(targets: Union[str, 'os.PathLike[str]'], metrics: Union[str, Sequence[
 
     Returns a DataFrame with ``image``, ``reference`` (only with ``ref``), one column per metric (NaN where it
     failed) and ``error`` (why, '' when nothing failed), the same as the CSV file's ``errors``; ``attrs['errors']``
-    lists each failure once as (metric or '*', image or '*', reason). Images that cannot be read, and metrics that
+    lists each failure once as a :class:`~pyiqa_grmp.scoring.Failure` (metric, image, reason; ``None`` for all). Images that cannot be read, and metrics that
     cannot be created or fail, are reported there, never raised; bad arguments raise ValueError. Under torchrun
     it joins the process group and splits the images over the ranks: rank 0 gets every row.
     """
@@ -67,14 +67,14 @@ def report_frame(report: 'ScoreReport', with_references: bool = False) -> 'pd.Da
 
     import pandas as pd
 
-    from .scoring import failure_text
+    from .scoring import errors_text
 
     columns = {'image': list(report.images)}
     if with_references:
         columns['reference'] = [report.refs.get(image, '') for image in report.images]
     for metric in report.metrics:
         columns[metric] = [report.scores.get(image, {}).get(metric, math.nan) for image in report.images]
-    columns['error'] = [failure_text(report, image) for image in report.images]
+    columns['error'] = [errors_text(report.failures_of(image)) for image in report.images]
     frame = pd.DataFrame(columns)
     frame.attrs['errors'] = list(report.errors)
     return frame

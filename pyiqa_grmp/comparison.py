@@ -29,7 +29,8 @@ from .data.labels import LabelledImages, label_source, read_labels
 from .errors import InvalidArgument
 from .precision import add_precision_option
 from .reporting import save_figure_atomically, write_atomically
-from .scoring import ScoreReport, create_metrics, default_workers, encode_path, metric_device, score_paths
+from .scoring import (Failure, ScoreReport, check_metric_requests, create_metrics, default_workers, encode_path,
+                      metric_device, score_paths)
 from .stats import correlation_values, logistic_4, logistic_plcc
 
 
@@ -167,9 +168,9 @@ def _score_all(data: LabelledImages, metrics: Dict[str, _TimedMetric], batch_siz
     score_paths(data.images, metrics, report, batch_size, progress, reference_of, desc='comparing', workers=workers)
 
 
-def _failure_text(failures: List[Tuple[str, str]], total: int) -> str:
-    listed = '; '.join(reason if path in reason else f'{path}: {reason}' for path, reason in
-                       failures[:LISTED_FAILURES])
+def _failure_text(failures: List[Failure], total: int) -> str:
+    listed = '; '.join(f.reason if f.image in f.reason else f'{f.image}: {f.reason}'
+                       for f in failures[:LISTED_FAILURES])
     more = f'; and {len(failures) - LISTED_FAILURES} more' if len(failures) > LISTED_FAILURES else ''
     return f'{len(failures)} of {total} images failed: {listed}{more}'
 
@@ -180,7 +181,7 @@ class _Outcome:
 
     name: str
     scores: np.ndarray
-    failures: List[Tuple[str, str]]
+    failures: List[Failure]
     stats: Dict[str, object]
     row: Dict[str, object]
 
@@ -188,22 +189,21 @@ class _Outcome:
 def _outcomes(data: LabelledImages, names: Sequence[str], metrics: Dict[str, _TimedMetric],
               report: ScoreReport) -> List[_Outcome]:
     """Per metric: its raw scores, every failure with its reason, its correlations and its row of the table."""
-    image_errors = {image: reason for metric, image, reason in report.errors if metric == '*'}
-    metric_errors = {(metric, image): reason for metric, image, reason in report.errors
-                     if metric != '*' and image != '*'}
-    creation_errors = {metric: reason for metric, image, reason in report.errors if image == '*'}
+    image_errors = {f.image: f.reason for f in report.errors if f.kind == 'image'}
+    metric_errors = {(f.metric, f.image): f.reason for f in report.errors if f.kind == 'score'}
+    creation_errors = {f.metric: f.reason for f in report.errors if f.kind == 'metric'}
     total = len(data.images)
     outcomes = []
     for name in names:
         scores = np.full(total, math.nan)
-        failures: List[Tuple[str, str]] = []
+        failures: List[Failure] = []
         if name in metrics:
             for row, path in enumerate(data.images):
                 value = report.scores.get(path, {}).get(name, math.nan)
                 if path in image_errors or (name, path) in metric_errors:
-                    failures.append((path, image_errors.get(path) or metric_errors[(name, path)]))
+                    failures.append(Failure(name, path, image_errors.get(path) or metric_errors[(name, path)]))
                 elif not math.isfinite(value):
-                    failures.append((path, f'the metric returned {value}'))
+                    failures.append(Failure(name, path, f'the metric returned {value}'))
                 else:
                     scores[row] = value
         scored = np.isfinite(scores)
@@ -251,10 +251,10 @@ def _per_image_table(data: LabelledImages, outcomes: List[_Outcome]) -> pd.DataF
         columns[outcome.name] = outcome.scores
     reasons: Dict[str, List[str]] = {}
     for outcome in outcomes:
-        for path, reason in outcome.failures:
-            reasons.setdefault(path, [])
-            if reason not in reasons[path]:
-                reasons[path].append(reason)
+        for failure in outcome.failures:
+            reasons.setdefault(failure.image, [])
+            if failure.reason not in reasons[failure.image]:
+                reasons[failure.image].append(failure.reason)
     columns['errors'] = [' | '.join(reasons.get(path, [])) for path in data.images]
     return pd.DataFrame(columns)
 
@@ -353,6 +353,7 @@ def compare(metrics: Sequence[str], *, dataset: Optional[str] = None, data_root:
         raise InvalidArgument('workers', f'must be an integer >= 0, got {workers!r}')
     metric_options = add_precision_option(names, metric_options, precision, device,
                                           lambda name: split_metric_name(name)[0])
+    check_metric_requests(names, metric_options, lambda name: split_metric_name(name)[0])
     data = load_labelled_images(dataset=dataset, data_root=data_root, meta_info=meta_info, root=root, split=split,
                                 split_seed=split_seed, num_shots=num_shots, train_ratio=train_ratio,
                                 mos_lower_better=mos_lower_better)

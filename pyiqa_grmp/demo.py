@@ -19,6 +19,7 @@ import torch
 
 from .data.synthetic import DISTORTIONS, LEVELS, _square
 from .errors import InvalidArgument
+from .scoring import MissingWeightsError, build_metrics
 from .stats import srcc
 
 DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
@@ -71,35 +72,33 @@ def demo_images(size: int = 224, seed: int = 0) -> List[DemoImage]:
 def _missing_weights_line(name: str, error: Exception) -> str:
     from .pretrained import DEFAULT_VARIANT, get_variant, weights_cache_dir
 
-    variant = get_variant(DEFAULT_VARIANT)
-    return (f'{name}: the authors\' weights are not available ({type(error).__name__}); put {variant.file_name} '
-            f'(from {variant.url()}) into {weights_cache_dir()} or pass --metric-opt '
-            f'{name}:pretrained_model_path=FILE. Showing the other metrics.')
+    if isinstance(error, MissingWeightsError):
+        file_name, url, folder = error.file_name, error.url, error.folder
+    else:
+        variant = get_variant(DEFAULT_VARIANT)
+        file_name, url, folder = variant.file_name, variant.url(), weights_cache_dir()
+    return (f'{name}: the authors\' weights are not available ({type(error).__name__}); put {file_name} '
+            f'(from {url}) into {folder} or pass --metric-opt {name}:pretrained_model_path=FILE. Showing the other '
+            'metrics.')
 
 
 def _create(names: Sequence[str], options: Mapping[str, Mapping], device: Optional[str],
             result: DemoResult) -> Dict[str, object]:
-    import pyiqa
-
     from .pretrained import WeightsNotFoundError
-    from .trusted_loading import trusted_loading
 
+    created, failed = build_metrics(names, options, device)
     metrics = {}
     for name in names:
-        try:
-            with trusted_loading(options.get(name, {})):
-                metric = pyiqa.create_metric(name, device=device, **options.get(name, {}))
-        except WeightsNotFoundError as error:
+        error = failed.get(name)
+        if isinstance(error, WeightsNotFoundError):
             result.notes.append(_missing_weights_line(name, error))
-            continue
-        except Exception as error:
+        elif error is not None:
             result.problems.append(f'{name}: cannot create the metric: {type(error).__name__}: {error}')
-            continue
-        if metric.metric_mode != 'NR':
+        elif created[name].metric_mode != 'NR':
             result.problems.append(f'{name}: a full-reference metric; the demo scores single images')
-            continue
-        metrics[name] = metric
-        result.lower_better[name] = bool(metric.lower_better)
+        else:
+            metrics[name] = created[name]
+            result.lower_better[name] = bool(created[name].lower_better)
     return metrics
 
 

@@ -182,6 +182,28 @@ def parse_override_value(text: str, flag: str = '--force_yml') -> Any:
     return load_yaml_text(text, f'{flag} value {text!r}')
 
 
+def _check_keys(keys: Sequence[str], entry: str, flag: str) -> None:
+    bad = [key for key in keys if not _KEY.match(key)]
+    if bad:
+        raise ConfigError(f'{flag} {entry!r}: key {bad[0]!r} is not a plain option name '
+                          '(letters, digits, _, - and . only)')
+
+
+def parse_metric_options(specs: Sequence[str], flag: str = '--metric-opt') -> Dict[str, Dict[str, Any]]:
+    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}: keys are plain option names (as in an override) and
+    values safe YAML (numbers, booleans, null, lists, dicts), bounded as a config."""
+    options: Dict[str, Dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, assignment = spec.partition(':')
+        key, eq, value = assignment.partition('=')
+        key = key.strip()
+        if not (sep and eq and name and key):
+            raise ConfigError(f'{flag} {spec!r} is not of the form NAME:KEY=VALUE')
+        _check_keys([key], spec, flag)
+        options.setdefault(name, {})[key] = load_yaml_text(value, f'{flag} {spec!r}: value')
+    return options
+
+
 def addable_options(opt: Dict[str, Any], section: Sequence[str]) -> frozenset:
     """Keys an override may add to ``section`` (a path of keys) that are not there yet: :data:`OPTIONAL_OPTIONS`,
     and for ``train.optim`` the parameters of the optimizer it names."""
@@ -206,10 +228,7 @@ def apply_override(opt: Dict[str, Any], entry: str, flag: str = '--force_yml') -
     if not sep:
         raise ConfigError(f'{flag} {entry!r} is not of the form KEY:SUB=VALUE')
     keys = [key.strip() for key in keys_text.split(':')]
-    bad = [key for key in keys if not _KEY.match(key)]
-    if bad:
-        raise ConfigError(f'{flag} {entry!r}: key {bad[0]!r} is not a plain option name '
-                          '(letters, digits, _, - and . only)')
+    _check_keys(keys, entry, flag)
     value = parse_override_value(value_text, flag)
     node = opt
     for depth, key in enumerate(keys[:-1]):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from grmp_test_utils import photo, tiny_grmp_cli_options
 from pyiqa_grmp.cli import main
-from pyiqa_grmp.commands._common import parse_metric_options
+from pyiqa_grmp.options import parse_metric_options
 from pyiqa_grmp.data.image_io import ImageReadError, decode_image, read_image
 
 
@@ -125,10 +125,11 @@ def test_full_reference_metric_pairs_images_by_name(tmp_path, capsys):
 
 def test_unavailable_metric_is_reported_and_the_others_still_run(tmp_path, capsys):
     Image.fromarray(photo('coffee')[:128, :128]).save(tmp_path / 'a.png')
-    status = main(['score', 'entropy', 'no_such_metric', '-t', str(tmp_path)])
+    status = main(['score', 'entropy', 'niqe', '-t', str(tmp_path), '--metric-opt',
+                   f'niqe:pretrained_model_path={tmp_path / "gone.mat"}'])
     captured = capsys.readouterr()
     assert status == 1
-    assert 'no_such_metric' in captured.err and 'cannot create metric' in captured.err
+    assert 'FAILED [niqe]' in captured.err and 'cannot create metric' in captured.err
     assert any(line.split()[:1] == ['entropy'] for line in captured.out.splitlines())
 
 

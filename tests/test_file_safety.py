@@ -19,7 +19,7 @@ from pyiqa_grmp.cli import main
 from pyiqa_grmp.comparison import compare
 from pyiqa_grmp.data.image_io import ImageReadError, NotARegularFileError, decode_image, open_regular_file
 from pyiqa_grmp.reporting import copy_atomically, write_atomically
-from pyiqa_grmp.scoring import decode_path, encode_path, score_images
+from pyiqa_grmp.scoring import Failure, decode_path, encode_path, score_images
 
 CAFE = os.fsdecode(b'caf\xe9.png')  # a Latin-1 name: not UTF-8
 HEADER = b'image,reference,entropy,errors\r\n'
@@ -101,14 +101,15 @@ def test_links_to_regular_files_are_scored_and_links_to_fifos_devices_and_lists_
     os.symlink(tmp_path / 'pipe', tmp_path / 'folder' / 'pipe.png')
     report = score_images(['entropy'], str(tmp_path / 'folder'), progress=False, workers=0)
     assert list(report.scores) == [str(tmp_path / 'folder' / 'link.png')]
-    assert report.errors == [('*', str(tmp_path / 'folder' / 'pipe.png'),
-                              f'cannot read image {tmp_path / "folder" / "pipe.png"}: not a regular file but a FIFO')]
+    assert report.errors == [Failure(None, str(tmp_path / 'folder' / 'pipe.png'),
+                                     f'cannot read image {tmp_path / "folder" / "pipe.png"}: not a regular file but a '
+                                     'FIFO')]
     listed = tmp_path / 'list.txt'
     listed.write_bytes(b'real.png\npipe\n/dev/zero\ncaf\xe9.png\n')
     _tiny_png(os.path.join(os.fsencode(tmp_path), b'caf\xe9.png'))
     report = score_images(['entropy'], str(listed), progress=False, workers=0)
     assert sorted(report.scores) == sorted([str(tmp_path / 'real.png'), str(tmp_path / CAFE)])
-    assert [reason.split(': ')[-1] for _, _, reason in report.errors] == [
+    assert [failure.reason.split(': ')[-1] for failure in report.errors] == [
         'not a regular file but a FIFO', 'not a regular file but a character device']
 
 
@@ -251,8 +252,8 @@ def test_damaged_resume_csv_is_a_clear_error_naming_the_file_and_line_before_sco
     out_csv = tmp_path / 'scores.csv'
     out_csv.write_bytes(HEADER + body % names[:body.count(b'%s')])
     before = out_csv.read_bytes()
-    monkeypatch.setattr(scoring, 'MAX_CSV_FIELD', 1000)
-    monkeypatch.setattr(scoring, 'score_stream', lambda *args, **kwargs: pytest.fail('scoring started'))
+    monkeypatch.setattr(scoring.results, 'MAX_CSV_FIELD', 1000)
+    monkeypatch.setattr(scoring.run, 'score_stream', lambda *args, **kwargs: pytest.fail('scoring started'))
     assert main(['score', 'entropy', '-t', str(two_images), '--csv', str(out_csv), '--resume']) == 2
     err = capsys.readouterr().err
     assert f'pyiqa-grmp score: error: {out_csv} line' in err and 'Traceback' not in err

@@ -14,6 +14,7 @@ from pyiqa_grmp.archs.grmp_arch import GRMPIQA, SquareResize
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.data.image_io import read_image
 from pyiqa_grmp.scoring import collect_targets, declared_resize, score_images, score_stream, write_csv
+from pyiqa_grmp.scoring.pipeline import DecodedItem
 
 SIZES = [(300, 200), (200, 300), (512, 512), (100, 400), (244, 244), (37, 53), (480, 360), (360, 480)]
 
@@ -75,7 +76,7 @@ def test_workers_pass_8_bit_images_as_uint8_when_the_main_process_finishes_them(
     dataset = scoring.DecodedImages(_readable(mixed_folder), resizes=[SquareResize(244)], keep_native=False,
                                     finish_in_worker=False)
     item = dataset[0]
-    assert item['native'].dtype == torch.uint8 and item['views'] == []
+    assert item.native.dtype == torch.uint8 and item.views == []
 
 
 def test_items_finished_in_the_main_process_equal_items_finished_in_workers(mixed_folder):
@@ -83,24 +84,23 @@ def test_items_finished_in_the_main_process_equal_items_finished_in_workers(mixe
     resizes = [SquareResize(244)]
     in_workers = list(scoring.prepared_items(paths, resizes, True, workers=2))
     in_main = list(scoring.prepared_items(paths, resizes, True, workers=2, finish_on=torch.device('cpu')))
-    assert [i['path'] for i in in_main] == [i['path'] for i in in_workers] == paths
+    assert [i.path for i in in_main] == [i.path for i in in_workers] == paths
     for here, there in zip(in_main, in_workers):
-        assert here['error'] == there['error']
-        if here['error'] is None:
-            assert here['native'].dtype == torch.float32 and torch.equal(here['native'], there['native'])
-            assert torch.equal(here['views'][0], there['views'][0])
-    assert sum(i['error'] is not None for i in in_main) == 1
+        assert here.error == there.error
+        if here.error is None:
+            assert here.native.dtype == torch.float32 and torch.equal(here.native, there.native)
+            assert torch.equal(here.views[0], there.views[0])
+    assert sum(i.error is not None for i in in_main) == 1
 
 
 def test_a_resize_that_fails_is_reported_as_the_view_not_raised():
-    item = {'index': 0, 'path': 'x.png', 'error': None, 'native': torch.zeros(3, 4, 4, dtype=torch.uint8),
-            'reference': None, 'views': []}
+    item = DecodedItem(0, 'x.png', native=torch.zeros(3, 4, 4, dtype=torch.uint8))
 
     def broken_resize(images):
         raise RuntimeError('out of memory')
 
     scoring.finish_item(item, [broken_resize], keep_native=False)
-    assert item['views'] == ['RuntimeError: out of memory'] and item['native'] is None
+    assert item.views == ['RuntimeError: out of memory'] and item.native is None
 
 
 def test_images_of_mixed_sizes_arrive_in_full_batches(mixed_folder, tiny_metric):
@@ -135,7 +135,7 @@ def test_unreadable_image_is_reported_by_name_while_the_others_are_scored(mixed_
                for r in chunk]
     broken = [r for r in results if 'broken' in r.path]
     assert len(broken) == 1 and broken[0].scores == {}
-    assert broken[0].errors[0][0] == '*' and 'img9_broken.jpg' in broken[0].errors[0][1]
+    assert broken[0].errors[0].kind == 'image' and 'img9_broken.jpg' in broken[0].errors[0].reason
     assert all('grmp_iqa' in r.scores and not r.errors for r in results if 'broken' not in r.path)
 
 
@@ -173,13 +173,13 @@ def test_cli_scores_the_images_of_a_list_and_names_the_missing_one(tmp_path, mix
 def test_rows_reach_the_csv_while_the_run_goes_on(mixed_folder, tiny_checkpoint, tmp_path, monkeypatch):
     out_csv = tmp_path / 'scores.csv'
     lines_seen = []
-    score_chunk = scoring._score_chunk
+    score_chunk = scoring.pipeline._score_chunk
 
     def spying(*args):
         lines_seen.append(len(out_csv.read_text().splitlines()))
         return score_chunk(*args)
 
-    monkeypatch.setattr(scoring, '_score_chunk', spying)
+    monkeypatch.setattr(scoring.pipeline, '_score_chunk', spying)
     score_images(['grmp_iqa'], str(mixed_folder), batch_size=3, progress=False, workers=1,
                  metric_options=_metric_kwargs(tiny_checkpoint), csv_path=str(out_csv))
     assert lines_seen == [1, 4, 7]  # the header, then three more rows before each next batch is scored
@@ -187,14 +187,15 @@ def test_rows_reach_the_csv_while_the_run_goes_on(mixed_folder, tiny_checkpoint,
 
 def test_final_csv_is_in_path_order_and_in_the_format_of_write_csv(mixed_folder, tiny_checkpoint, tmp_path):
     streamed = tmp_path / 'streamed.csv'
-    report = score_images(['grmp_iqa', 'no_such_metric'], str(mixed_folder), batch_size=3, progress=False,
-                          workers=2, metric_options=_metric_kwargs(tiny_checkpoint), csv_path=str(streamed))
+    options = {**_metric_kwargs(tiny_checkpoint), 'niqe': {'pretrained_model_path': str(tmp_path / 'gone.mat')}}
+    report = score_images(['grmp_iqa', 'niqe'], str(mixed_folder), batch_size=3, progress=False,
+                          workers=2, metric_options=options, csv_path=str(streamed))
     written = tmp_path / 'written.csv'
     write_csv(report, str(written))
     assert streamed.read_bytes() == written.read_bytes()
     rows = list(csv.reader(streamed.open()))
     assert [r[0] for r in rows[1:]] == sorted(str(p) for p in mixed_folder.iterdir())
-    assert all('no_such_metric: cannot create metric' in r[-1] for r in rows[1:])
+    assert all('niqe: cannot create metric' in r[-1] for r in rows[1:])
 
 
 def test_resume_keeps_the_rows_and_scores_only_the_missing_images(mixed_folder, tiny_checkpoint, tmp_path,
@@ -208,10 +209,10 @@ def test_resume_keeps_the_rows_and_scores_only_the_missing_images(mixed_folder, 
     resumed = tmp_path / 'resumed.csv'
     resumed.write_bytes(b'\r\n'.join(kept) + b'\r\n' + lines[4][:20])  # a run killed while writing a row
     counted = []
-    original = scoring._score_group
+    original = scoring.pipeline._score_group
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(scoring, '_score_group', lambda name, metric, items, *rest: (
-            counted.extend(i['path'] for i in items), original(name, metric, items, *rest))[1])
+        patch.setattr(scoring.pipeline, '_score_group', lambda name, metric, items, *rest: (
+            counted.extend(i.path for i in items), original(name, metric, items, *rest))[1])
         score_images(['grmp_iqa'], str(mixed_folder), batch_size=1, progress=False, workers=0,
                      metric_options=_metric_kwargs(tiny_checkpoint), csv_path=str(resumed), resume=True)
     assert counted == [line.split(b',')[0].decode() for line in lines[4:-1] if b'broken' not in line]

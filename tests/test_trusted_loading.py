@@ -305,7 +305,8 @@ def test_topiq_semantic_model_name_is_never_evaluated(tmp_path):
     report = ScoreReport(images=['a.png'], refs={}, metrics=['topiq_nr'])
     assert create_metrics(['topiq_nr'], {'topiq_nr': {'semantic_model_name': payload}}, 'cpu', report) == {}
     assert not marker.exists()
-    assert 'RefusedInputError' in report.errors[0][2] and 'option semantic_model_name' in report.errors[0][2]
+    reason = report.errors[0].reason
+    assert 'RefusedInputError' in reason and 'option semantic_model_name' in reason
 
 
 def test_the_guard_patches_nothing_outside_its_block():

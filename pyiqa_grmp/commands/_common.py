@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import summary
 
@@ -57,25 +57,10 @@ def add_device_argument(parser: argparse.ArgumentParser, function: Callable) -> 
 
 
 def add_metric_options_argument(parser: argparse.ArgumentParser, example: str = '') -> None:
-    """``--metric-opt NAME:KEY=VALUE`` (repeatable), into ``args.metric_options``; see :func:`parse_metric_options`."""
-    parser.add_argument('--metric-opt', dest='metric_options', action='append', metavar='NAME:KEY=VALUE',
+    """``--metric-opt NAME:KEY=VALUE`` (repeatable), into ``args.metric_options``; see :func:`pyiqa_grmp.options.parse_metric_options`."""
+    parser.add_argument('--metric-opt', dest='metric_options', action='append', default=[], metavar='NAME:KEY=VALUE',
                         help='an option of one metric (a keyword of pyiqa.create_metric), the value parsed as YAML'
                              + (f', e.g. {example}' if example else '') + ' (repeatable)')
-
-
-def parse_metric_options(specs: Optional[Sequence[str]]) -> Dict[str, Dict[str, object]]:
-    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}; values are YAML (numbers, booleans, null, lists, dicts),
-    read by the one bounded, safe YAML reader of :mod:`pyiqa_grmp.options`."""
-    from ..options import load_yaml_text
-
-    options: Dict[str, Dict[str, object]] = {}
-    for spec in specs or ():
-        name, sep, assignment = spec.partition(':')
-        key, eq, value = assignment.partition('=')
-        if not (sep and eq and name and key):
-            raise ValueError(f'--metric-opt {spec!r} is not of the form NAME:KEY=VALUE')
-        options.setdefault(name, {})[key.strip()] = load_yaml_text(value, f'--metric-opt {spec!r}: value')
-    return options
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser, function: Callable) -> None:

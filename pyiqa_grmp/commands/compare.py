@@ -5,8 +5,9 @@ import argparse
 import os
 import sys
 
+from ..options import parse_metric_options
 from ._common import (add_batch_arguments, add_command, add_device_argument, add_metric_options_argument,
-                      add_precision_argument, api_default, parse_metric_options, precision_note)
+                      add_precision_argument, api_default, precision_note)
 
 #: Unlike the Python function, which writes files only when given out_dir, the command always writes them.
 DEFAULT_OUT = os.path.join('results', 'compare')

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_command, add_device_argument, add_metric_options_argument, api_default, parse_metric_options
+from ..options import parse_metric_options
+from ._common import add_command, add_device_argument, add_metric_options_argument, api_default
 
 EXAMPLES = ('pyiqa-grmp demo',
             'pyiqa-grmp demo --metric-opt grmp_iqa:pretrained_model_path=runs/mine/model.pth --out results/mine')

@@ -6,8 +6,9 @@ import math
 import sys
 
 from ..data.image_io import printable
+from ..options import parse_metric_options
 from ._common import (UsageError, add_batch_arguments, add_command, add_device_argument, add_metric_options_argument,
-                      add_precision_argument, api_default, parse_metric_options, precision_note)
+                      add_precision_argument, api_default, precision_note)
 
 EXAMPLES = (
     'pyiqa-grmp score grmp_iqa piqe entropy -t photos/ --csv scores.csv -v',
@@ -80,5 +81,6 @@ def _print(frame, metrics, verbose: bool) -> None:
         scored = int(frame[metric].notna().sum())
         mean = frame[metric].mean() if scored else math.nan
         print(f'{metric:<{width}}  {mean:>10.4f}  {scored:>6d}  {len(frame) - scored:>6d}')
-    for metric, image, reason in frame.attrs['errors']:
-        print(f'FAILED [{metric}] {printable(image)}: {printable(reason)}', file=sys.stderr)
+    for failure in frame.attrs['errors']:
+        print(f'FAILED [{failure.metric or "*"}] {printable(failure.image or "*")}: {printable(failure.reason)}',
+              file=sys.stderr)
