@@ -16,6 +16,7 @@ from .run import score_images
 
 __all__ = ['FIXED_RESIZE_ATTRIBUTE', 'DecodedImages', 'DecodedItem', 'Failure', 'ImageFile', 'ImageResult',
            'ImageSource', 'MetricRequestError', 'MissingWeightsError', 'ScoreReport', 'build_metrics',
-           'check_metric_requests', 'collect_targets', 'create_metrics', 'csv_header', 'declared_resize', 'decode_path',
-           'default_workers', 'encode_path', 'errors_text', 'finish_item', 'metric_device', 'prepared_items', 'read_image_list', 'read_rows', 'score_images', 'score_paths', 'score_stream',
+           'check_metric_requests', 'collect_targets', 'create_metrics', 'csv_header', 'declared_resize',
+           'decode_path', 'default_workers', 'encode_path', 'errors_text', 'finish_item', 'metric_device',
+           'prepared_items', 'read_image_list', 'read_rows', 'score_images', 'score_paths', 'score_stream',
            'shared_gpu', 'write_csv']
