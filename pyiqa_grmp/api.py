@@ -39,7 +39,8 @@ def score(targets: Union[str, 'os.PathLike[str]'], metrics: Union[str, Sequence[
     failed) and ``error`` (why, '' when nothing failed), the same as the CSV file's ``errors``; ``attrs['errors']``
     lists each failure once as a :class:`~pyiqa_grmp.scoring.Failure` (metric, image, reason; None: all). Images
     that cannot be read, and metrics that cannot be created or fail, are reported there, never raised; bad
-    arguments raise ValueError. Under torchrun it joins the process group and splits the images over the ranks: rank 0 gets every row.
+    arguments raise ValueError. Under torchrun it joins the process group and splits the images over the ranks:
+    rank 0 gets every row.
     """
     from . import distributed
     from .precision import add_precision_option
