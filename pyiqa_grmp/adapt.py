@@ -5,7 +5,9 @@ held-out test, writes the full training YAML (``RUN_DIR/options.yml``, rerunnabl
 scores the held-out images with the starting model (zero-shot), fine-tunes with ``pyiqa-grmp train`` (checkpoint
 chosen on the carve-out), scores the held-out images again, and writes into ``RUN_DIR``:
 
-- ``model.pth``: the chosen checkpoint, for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``;
+- ``model/``: the chosen model as a model folder (``model.safetensors``, ``config.json``, ``README.md``, the model
+  card; see :mod:`pyiqa_grmp.model_folder`), for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``
+  with no other option; ``model.pth``: the same weights as a checkpoint, which also loads with its path alone;
 - ``report.md`` and ``summary.json``: data, split sizes, settings, held-out SRCC / PLCC / KRCC with bootstrap 95 %
   intervals against the starting model, and the lines that use the model;
 - ``predictions.csv`` (every held-out image: MOS, score before, score after), ``split.csv`` (every labelled image
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -85,8 +86,11 @@ class SplitPlan:
 
 # ------------------------------------------------------------------------------------------------- the data
 def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dataset: Optional[str] = None,
-                data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledImages:
-    """Read and check the labels: column 0 the image path relative to the image folder, column 1 the score.
+                data_root: str = './datasets', lower_better: Optional[bool] = None,
+                image_column: Optional[str] = None, score_column: Optional[str] = None) -> LabelledImages:
+    """Read and check the labels: the image paths (relative to the image folder) and the scores. A meta CSV's
+    columns are ``image_column`` / ``score_column`` or found by name (see
+    :func:`~pyiqa_grmp.data.labels.read_label_table`); a pyiqa dataset's are its layout's.
 
     Raises ValueError / FileNotFoundError naming the file and the problem: unreadable CSV, no numeric score
     column, missing or non-numeric scores, a constant score column.
@@ -96,7 +100,8 @@ def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dat
         raise ValueError(f'pyiqa dataset {dataset!r} has a full-reference layout (reference, image, score); '
                          'adapt needs (image, score) rows: pass meta_info= and root= instead')
     source = replace(source, meta_info=os.path.abspath(source.meta_info), root=os.path.abspath(source.root))
-    labels = read_labels(source, lower_better, require_varying=True)
+    labels = read_labels(source, lower_better, require_varying=True, image_column=image_column,
+                         score_column=score_column)
     if not os.path.isdir(source.root):
         raise FileNotFoundError(f'image folder {source.root} not found')
     return labels
@@ -228,7 +233,7 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     split = {'type': 'FewShotNRDataset', 'dataroot_target': labels.root, 'meta_info_file': labels.meta_info,
              'num_shots': plan.num_shots, 'split_seed': seed, 'train_ratio': plan.train_ratio,
              'num_val': plan.num_val, 'label_norm': 'minmax_per_subset', 'lower_better': labels.lower_better,
-             'resize': 244}
+             'image_column': labels.columns['image'], 'score_column': labels.columns['score'], 'resize': 244}
     num_gpu = {'cpu': 0, 'cuda': 1, None: 'auto'}[device]
     return {
         'name': RUN_NAME,
@@ -255,30 +260,11 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     }
 
 
-def metric_kwargs(network: Mapping) -> Dict[str, object]:
-    """``create_metric('grmp_iqa', ...)`` arguments that rebuild this network: the options that differ from the
-    metric's defaults (loading weights is the checkpoint's business, so those options are left out)."""
-    from .archs.grmp_arch import GRMPIQA
-
-    defaults = {name: p.default for name, p in inspect.signature(GRMPIQA.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    skip = {'type', 'pretrained', 'pretrained_model_path', 'backbone_pretrained', 'weights'}
-    return {k: v for k, v in network.items() if k not in skip and
-            (k not in defaults or _as_plain(defaults[k]) != _as_plain(v))}
-
-
-def _as_plain(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def usage_lines(model_path: str, network: Mapping) -> Dict[str, str]:
-    """The Python and CLI lines that score images with the adapted model."""
-    extra = metric_kwargs(network)
-    arguments = ''.join(f', {key}={value!r}' for key, value in extra.items())
-    python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r}{arguments})"
-    options = [f'grmp_iqa:pretrained_model_path={model_path}']
-    options += [f'grmp_iqa:{key}={json.dumps(value)}' for key, value in extra.items()]  # JSON is YAML
-    cli = 'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ ' + ' '.join(f'--metric-opt {shlex.quote(o)}' for o in options)
+def usage_lines(model_path: str) -> Dict[str, str]:
+    """The Python and CLI lines that score images with the adapted model (its path alone says what it is)."""
+    python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r})"
+    option = shlex.quote(f'grmp_iqa:pretrained_model_path={model_path}')
+    cli = f'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ --metric-opt {option}'
     return {'python': f'import pyiqa, pyiqa_grmp\n{python}\nscore = metric("photo.jpg")  # higher is better',
             'python_create': python, 'cli': cli}
 
@@ -346,12 +332,14 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
           dataset: Optional[str] = None, data_root: str = './datasets', shots: str = 'all', test_ratio: float = 0.2,
           num_val: Optional[int] = None, start: Optional[str] = None, preset: str = 'paper',
           device: Optional[str] = None, seed: int = 0, lower_better: Optional[bool] = None,
-          override: Optional[str] = None, assignments: Sequence[str] = ()) -> dict:
+          override: Optional[str] = None, assignments: Sequence[str] = (), image_column: Optional[str] = None,
+          score_column: Optional[str] = None) -> dict:
     """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir`` (see the
     module docstring). Every check on the data and options runs before training; returns the summary."""
     import torch
     import yaml
 
+    from .model_folder import export_checkpoint
     from .pretrained import DEFAULT_VARIANT, resolve_weights
     from .train import train
 
@@ -360,7 +348,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(os.path.join(out_dir, 'model.pth')):
         raise ValueError(f'{out_dir} already holds an adapted model.pth; choose another --out or remove it')
-    labels = load_labels(meta_info, root, dataset, data_root, lower_better)
+    labels = load_labels(meta_info, root, dataset, data_root, lower_better, image_column, score_column)
     plan = plan_split(labels, shots, test_ratio, num_val, seed)
     used = np.concatenate([plan.indices[r] for r in ('shots', 'val', 'test')])
     check_images([labels.images[i] for i in sorted(used)])
@@ -383,7 +371,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
     counts = plan.counts()
-    print(f'data: {labels.description}: {len(labels.images)} labelled images', flush=True)
+    print(f'data: {labels.description}: {len(labels.images)} labelled images; {labels.column_choice}', flush=True)
     print(f'split (seed {seed}): {counts["shots"]} shots, {counts["val"]} validation carve-out, {counts["test"]} '
           f'held-out test, {counts["unused"]} unused', flush=True)
     os.makedirs(out_dir, exist_ok=True)
@@ -425,7 +413,8 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
 
     records = read_metrics(os.path.join(experiment, METRICS_FILE))
     improved = [r for r in records if r['kind'] == 'val' and r.get('improved')]
-    lines = usage_lines(model_path, options['network'])
+    model_folder = os.path.join(out_dir, 'model')
+    lines = usage_lines(model_folder)
     summary = {
         'data': {'description': labels.description, 'meta_info': labels.meta_info, 'root': labels.root,
                  'num_images': len(labels.images), 'mos_min': float(labels.mos.min()),
@@ -440,6 +429,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
         'usage': {'python': lines['python'], 'cli': lines['cli']},
     }
     write_atomically(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2))
+    export_checkpoint(model_path, model_folder, summary=summary)
     plot_curves(os.path.join(experiment, METRICS_FILE), os.path.join(out_dir, CURVES_FILE), title='adapt')
     mos_label = 'MOS' + (' (lower is better)' if labels.lower_better else '')
     scatter_before_after(before['mos'], before['pred'], after['pred'], os.path.join(out_dir, 'scatter.png'),
@@ -457,7 +447,8 @@ def add_adapt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                     'choose the checkpoint on the carve-out and report held-out correlations against the starting '
                     'model. Everything goes to --out.')
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--meta-info', help='CSV: column 1 image path relative to --root, column 2 score (MOS)')
+    source.add_argument('--meta-info', help='CSV, TSV or .xlsx with a header: an image path relative to --root and '
+                                            'a score per row (see --image-column, --score-column)')
     source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
     parser.add_argument('--root', help='image folder of --meta-info')
     parser.add_argument('--data-root', default='./datasets', help='folder of the pyiqa datasets (default ./datasets)')
@@ -476,6 +467,12 @@ def add_adapt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument('--seed', type=int, default=0, help='split, training and bootstrap seed (default 0)')
     parser.add_argument('--lower-better', action='store_const', const=True, default=None,
                         help='the scores are DMOS (lower is better); default: the dataset info, else no')
+    parser.add_argument('--image-column', metavar='NAME',
+                        help='header of the image column of --meta-info (default: the one column named image_name, '
+                             'image, img_name, filename, ... (any case), else the first column)')
+    parser.add_argument('--score-column', metavar='NAME',
+                        help='header of the score column of --meta-info (default: the one column named MOS, DMOS or '
+                             'score, in any case; a DMOS column means lower is better)')
     parser.add_argument('--override', metavar='YAML',
                         help='training options merged into the generated ones, e.g. a smaller backbone '
                              '(configs/smoke/adapt_tiny.yml); read as plain data')
@@ -490,7 +487,8 @@ def run_adapt_command(args: argparse.Namespace) -> int:
     summary = adapt(args.out, meta_info=args.meta_info, root=args.root, dataset=args.dataset,
                     data_root=args.data_root, shots=args.shots, test_ratio=args.test_ratio, num_val=args.num_val,
                     start=args.start, preset=args.preset, device=args.device, seed=args.seed,
-                    lower_better=args.lower_better, override=args.override, assignments=args.assignments)
+                    lower_better=args.lower_better, override=args.override, assignments=args.assignments,
+                    image_column=args.image_column, score_column=args.score_column)
     results = summary['results']
     print(f'\nheld-out test, {summary["split"]["test"]} images (95 % bootstrap intervals):')
     for key, label in (('before', 'starting model (zero-shot)'), ('after', 'adapted'), ('gain', 'gain')):
@@ -498,7 +496,8 @@ def run_adapt_command(args: argparse.Namespace) -> int:
         print(f'  {label:<27} ' + '  '.join(f'{m.upper()} {_interval(row[m], row[m + "_ci"])}'
                                            for m in ('srcc', 'plcc', 'krcc')))
     out = os.path.abspath(args.out)
-    print(f'\nwrote {out}/model.pth, report.md, summary.json, predictions.csv, split.csv, curves.png, scatter.png')
+    print(f'\nwrote {out}/model/ (model.safetensors, config.json, README.md), model.pth, report.md, summary.json, '
+          'predictions.csv, split.csv, curves.png, scatter.png')
     print('\nuse the model from Python:')
     print(summary['usage']['python'])
     print('or from the command line:')

@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 from .adapt import add_adapt_parser
+from .commands import export as export_command
 from .comparison import add_compare_parser
 from .data.image_io import printable
 from .demo import add_demo_parser
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(commands)
     add_adapt_parser(commands)
     add_demo_parser(commands)
+    export_command.add_parser(commands)
     return parser
 
 
