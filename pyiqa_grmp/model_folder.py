@@ -339,25 +339,28 @@ def _results_lines(summary: Optional[dict]) -> List[str]:
 def model_card(folder: str, config: Mapping, summary: Optional[dict] = None) -> str:
     """The README.md of a model folder."""
     network, base = config['network'], config.get('base_weights') or {}
-    backbone = network['backbone'] if isinstance(network['backbone'], str) else 'a custom open_clip config (see ' \
-                                                                                 'config.json)'
+    backbone = f'`{network["backbone"]}`' if isinstance(network['backbone'], str) else \
+        'a custom open_clip config (see config.json)'
     base_text = (f'`{base["file"]}` (sha256 `{base["sha256"]}`)' if base.get('sha256') else
                  f'`{base.get("file")}`') if base else 'not recorded'
-    name = os.path.basename(os.path.abspath(folder))
+    folder = os.path.abspath(folder)
+    name = os.path.basename(folder)
+    if name == 'model':  # adapt's RUN_DIR/model: name it with its run
+        name = f'{os.path.basename(os.path.dirname(folder))}/{name}'
     return '\n'.join([
         f'# GRMP-IQA model `{name}`', '',
         'No-reference image quality from GRMP-IQA (Li et al., ICCV 2025) as a pyiqa metric: the score is the '
         'probability of "high quality", in (0, 1), higher is better. Written by pyiqa_grmp '
         f'{config["package_version"]}.', '',
         '## Use it', '', '```python', 'import pyiqa, pyiqa_grmp',
-        f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path='{name}')",
+        f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path='{name}')  # the path of this folder",
         'score = metric("photo.jpg")  # higher is better', '```', '', '```bash',
         f'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ --metric-opt grmp_iqa:pretrained_model_path={name} '
         '--csv scores.csv', '```', '',
         'From the Hugging Face hub cache (after `hf download OWNER/NAME`): '
         "`pretrained_model_path='hf://OWNER/NAME'`; nothing is downloaded by the metric.", '',
         '## Network', '',
-        f'- Backbone {backbone}; {network["num_visual_prompts"]} visual prompts per block, {network["n_ctx"]} text '
+        f'- Backbone: {backbone}; {network["num_visual_prompts"]} visual prompts per block, {network["n_ctx"]} text '
         f'context vectors, classes {list(network["class_names"])}.',
         f'- Preprocessing: squashed to {network["resize"]}x{network["resize"]}, centre crop {network["crop"]}, '
         f'mean {list(network["mean"])}, std {list(network["std"])}.',

@@ -78,7 +78,7 @@ def test_config_says_what_network_and_base_weights_it_is(folder, tiny_checkpoint
 
 def test_model_card_has_the_lines_to_use_it_and_the_licence(folder):
     card = (Path(folder) / 'README.md').read_text()
-    assert "pyiqa.create_metric('grmp_iqa', pretrained_model_path='tiny')" in card
+    assert "pyiqa.create_metric('grmp_iqa', pretrained_model_path='tiny')  # the path of this folder" in card
     assert '## Intended use and limits' in card and '## Licence' in card
 
 
