@@ -164,7 +164,10 @@ class GRMPIQA(nn.Module):
         resize, crop, mean, std, antialias: preprocessing; None takes the weight variant's values.
         augment: in training mode, crop at random and flip (the official fine-tuning augmentation).
         pretrained: load GRMP weights (``pretrained_model_path`` or the ``weights`` variant); False loads none.
-        pretrained_model_path: a checkpoint written by this package (``{'params': ...}``) or an official one.
+        pretrained_model_path: a model folder, ``hf://OWNER/NAME[@REVISION]`` (the hub cache, offline), a checkpoint
+            written by this package (``{'params': ...}``) or an official one. A folder, and a checkpoint that carries
+            its ``network`` options, supply the options from ``backbone`` to ``antialias`` (except
+            ``prompt_dropout``); one given with another value than its default that contradicts them is an error.
         weights: name of the released variant in :data:`pyiqa_grmp.pretrained.WEIGHT_VARIANTS`.
         precision: ``fp32`` (exact), ``bf16`` or ``fp16``: autocast of the image and text towers (CUDA; bf16 also
             on CPU), cached prompt keys/values and text features in that dtype, the score in fp32.
