@@ -6,7 +6,9 @@ held-out test, writes the full training YAML (``RUN_DIR/options.yml``, rerunnabl
 scores the held-out images with the starting model (zero-shot), fine-tunes with :func:`pyiqa_grmp.train`
 (checkpoint chosen on the carve-out), scores the held-out images again, and writes into ``RUN_DIR``:
 
-- ``model.pth``: the chosen checkpoint, for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``;
+- ``model/``: the chosen model as a model folder (``model.safetensors``, ``config.json``, ``README.md``, the model
+  card; see :mod:`pyiqa_grmp.model_folder`), for ``pyiqa.create_metric('grmp_iqa', pretrained_model_path=...)``
+  with no other option; ``model.pth``: the same weights as a checkpoint, which also loads with its path alone;
 - ``report.md`` and ``summary.json``: data, split sizes, settings, held-out SRCC / PLCC / KRCC with bootstrap 95 %
   intervals against the starting model, and the lines that use the model;
 - ``predictions.csv`` (every held-out image: MOS, score before, score after), ``split.csv`` (every labelled image
@@ -16,7 +18,6 @@ scores the held-out images with the starting model (zero-shot), fine-tunes with 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
@@ -108,8 +109,11 @@ def describe_split(counts: Mapping[str, int], seed: int) -> str:
 
 # ------------------------------------------------------------------------------------------------- the data
 def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dataset: Optional[str] = None,
-                data_root: str = './datasets', lower_better: Optional[bool] = None) -> LabelledImages:
-    """Read and check the labels: column 0 the image path relative to the image folder, column 1 the score.
+                data_root: str = './datasets', lower_better: Optional[bool] = None,
+                image_column: Optional[str] = None, score_column: Optional[str] = None) -> LabelledImages:
+    """Read and check the labels: the image paths (relative to the image folder) and the scores. A meta CSV's
+    columns are ``image_column`` / ``score_column`` or found by name (see
+    :func:`~pyiqa_grmp.data.labels.read_label_table`); a pyiqa dataset's are its layout's.
 
     Raises ValueError / FileNotFoundError naming the file and the problem: unreadable CSV, no numeric score
     column, missing or non-numeric scores, a constant score column.
@@ -119,7 +123,8 @@ def load_labels(meta_info: Optional[str] = None, root: Optional[str] = None, dat
         raise ValueError(f'pyiqa dataset {dataset!r} has a full-reference layout (reference, image, score); '
                          'adapt needs (image, score) rows: pass meta_info= and root= instead')
     source = replace(source, meta_info=os.path.abspath(source.meta_info), root=os.path.abspath(source.root))
-    labels = read_labels(source, lower_better, require_varying=True)
+    labels = read_labels(source, lower_better, require_varying=True, image_column=image_column,
+                         score_column=score_column)
     if not os.path.isdir(source.root):
         raise FileNotFoundError(f'image folder {source.root} not found')
     return labels
@@ -251,7 +256,7 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     split = {'type': 'FewShotNRDataset', 'dataroot_target': labels.root, 'meta_info_file': labels.meta_info,
              'num_shots': plan.num_shots, 'split_seed': seed, 'train_ratio': plan.train_ratio,
              'num_val': plan.num_val, 'label_norm': 'minmax_per_subset', 'lower_better': labels.lower_better,
-             'resize': 244}
+             'image_column': labels.columns['image'], 'score_column': labels.columns['score'], 'resize': 244}
     num_gpu = {'cpu': 0, 'cuda': 1, None: 'auto'}[device]
     return {
         'name': RUN_NAME,
@@ -278,30 +283,11 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     }
 
 
-def metric_kwargs(network: Mapping) -> Dict[str, object]:
-    """``create_metric('grmp_iqa', ...)`` arguments that rebuild this network: the options that differ from the
-    metric's defaults (loading weights is the checkpoint's business, so those options are left out)."""
-    from .archs.grmp_arch import GRMPIQA
-
-    defaults = {name: p.default for name, p in inspect.signature(GRMPIQA.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    skip = {'type', 'pretrained', 'pretrained_model_path', 'backbone_pretrained', 'weights'}
-    return {k: v for k, v in network.items() if k not in skip and
-            (k not in defaults or _as_plain(defaults[k]) != _as_plain(v))}
-
-
-def _as_plain(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def usage_lines(model_path: str, network: Mapping) -> Dict[str, str]:
-    """The Python and CLI lines that score images with the adapted model."""
-    extra = metric_kwargs(network)
-    arguments = ''.join(f', {key}={value!r}' for key, value in extra.items())
-    python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r}{arguments})"
-    options = [f'grmp_iqa:pretrained_model_path={model_path}']
-    options += [f'grmp_iqa:{key}={json.dumps(value)}' for key, value in extra.items()]  # JSON is YAML
-    cli = 'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ ' + ' '.join(f'--metric-opt {shlex.quote(o)}' for o in options)
+def usage_lines(model_path: str) -> Dict[str, str]:
+    """The Python and CLI lines that score images with the adapted model (its path alone says what it is)."""
+    python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r})"
+    option = shlex.quote(f'grmp_iqa:pretrained_model_path={model_path}')
+    cli = f'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ --metric-opt {option}'
     return {'python': f'import pyiqa, pyiqa_grmp\n{python}\nscore = metric("photo.jpg")  # higher is better',
             'python_create': python, 'cli': cli}
 
@@ -375,11 +361,14 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
           dataset: Optional[str] = None, data_root: str = './datasets', shots: str = 'all', test_ratio: float = 0.2,
           num_val: Optional[int] = None, start: Optional[str] = None, preset: str = 'paper',
           device: Optional[str] = None, seed: int = 0, mos_lower_better: Optional[bool] = None,
-          override_file: Optional[str] = None, overrides: Sequence[str] = (), progress: bool = True) -> AdaptResult:
+          override_file: Optional[str] = None, overrides: Sequence[str] = (), image_column: Optional[str] = None,
+          score_column: Optional[str] = None, progress: bool = True) -> AdaptResult:
     """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir``.
 
-    Data: ``meta_info`` a CSV (column 1 the image path relative to ``root``, column 2 the score) with ``root`` its
-    image folder, or ``dataset`` a pyiqa NR dataset name in pyiqa's layout under ``data_root``.
+    Data: ``meta_info`` a label table (CSV, TSV or .xlsx with a header) with ``root`` its image folder, or
+    ``dataset`` a pyiqa NR dataset name in pyiqa's layout under ``data_root``. The columns of ``meta_info`` are
+    ``image_column`` and ``score_column``, by default the one column named like an image (image_name, image,
+    filename, ...; else the first) and the one named MOS, DMOS or score (any case; a DMOS name means lower-better).
     ``mos_lower_better``: the scores are DMOS (default: the dataset info's, else False). Split (seeded by
     ``seed``, as ``FewShotNRDataset``): ``test_ratio`` of the images held out for the report, ``num_val`` (default
     10 %, at least 5) carved out of the rest to choose the checkpoint on, ``shots`` (a number, or 'all': every
@@ -389,12 +378,14 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     ``device``: 'cpu' or 'cuda' (default: cuda when available). ``progress`` prints the steps on stderr.
 
     Every check on the data and options runs before training (ValueError / FileNotFoundError naming the problem).
-    Writes model.pth, report.md, summary.json, predictions.csv, split.csv, options.yml, curves.png, scatter.png
-    and the training run under ``experiments/``; returns where they are and the summary.
+    Writes model/ (model.safetensors, config.json, README.md), model.pth, report.md, summary.json,
+    predictions.csv, split.csv, options.yml, curves.png, scatter.png and the training run under ``experiments/``;
+    returns where they are and the summary.
     """
     import torch
     import yaml
 
+    from .model_folder import export_checkpoint
     from .pretrained import DEFAULT_VARIANT, resolve_weights
     from .training import train
 
@@ -404,7 +395,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     if os.path.exists(os.path.join(out_dir, 'model.pth')):
         raise InvalidArgument('out_dir', f'{out_dir} already holds an adapted model.pth; choose another folder or '
                                          'remove it')
-    labels = load_labels(meta_info, root, dataset, data_root, mos_lower_better)
+    labels = load_labels(meta_info, root, dataset, data_root, mos_lower_better, image_column, score_column)
     plan = plan_split(labels, shots, test_ratio, num_val, seed)
     used = np.concatenate([plan.indices[r] for r in ('shots', 'val', 'test')])
     check_images([labels.images[i] for i in sorted(used)])
@@ -427,7 +418,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 
     counts = plan.counts()
-    _say(progress, f'data: {labels.description}: {len(labels.images)} labelled images')
+    _say(progress, f'data: {labels.description}: {len(labels.images)} labelled images; {labels.column_choice}')
     _say(progress, describe_split(counts, seed))
     os.makedirs(out_dir, exist_ok=True)
     roles = np.empty(len(labels.images), dtype=object)
@@ -467,7 +458,8 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
 
     records = read_metrics(os.path.join(experiment, METRICS_FILE))
     improved = [r for r in records if r['kind'] == 'val' and r.get('improved')]
-    lines = usage_lines(model_path, options['network'])
+    model_folder = os.path.join(out_dir, 'model')
+    lines = usage_lines(model_folder)
     summary = {
         'data': {'description': labels.description, 'meta_info': labels.meta_info, 'root': labels.root,
                  'num_images': len(labels.images), 'mos_min': float(labels.mos.min()),
@@ -482,6 +474,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
         'usage': {'python': lines['python'], 'cli': lines['cli']},
     }
     write_atomically(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2))
+    export_checkpoint(model_path, model_folder, summary=summary)
     plot_curves(os.path.join(experiment, METRICS_FILE), os.path.join(out_dir, CURVES_FILE), title='adapt')
     mos_label = 'MOS' + (' (lower is better)' if labels.lower_better else '')
     scatter_before_after(before['mos'], before['pred'], after['pred'], os.path.join(out_dir, 'scatter.png'),

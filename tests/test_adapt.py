@@ -55,9 +55,10 @@ def adapted(synthetic_workdir, tiny_start, tmp_path_factory):
 
 
 def test_adapt_writes_every_output(adapted):
-    names = {'model.pth', 'options.yml', 'report.md', 'summary.json', 'predictions.csv', 'split.csv', 'curves.png',
-             'scatter.png'}
+    names = {'model', 'model.pth', 'options.yml', 'report.md', 'summary.json', 'predictions.csv', 'split.csv',
+             'curves.png', 'scatter.png'}
     assert names <= set(os.listdir(adapted['out']))
+    assert set(os.listdir(adapted['out'] / 'model')) == {'model.safetensors', 'config.json', 'README.md'}
     assert Image.open(adapted['out'] / 'curves.png').format == 'PNG'
     assert Image.open(adapted['out'] / 'scatter.png').format == 'PNG'
 
@@ -116,6 +117,26 @@ def test_printed_python_line_loads_the_adapted_model(adapted):
     saved = torch.load(adapted['out'] / 'model.pth', weights_only=True)['params']
     start = torch.load(adapted['start'], weights_only=True)['params']
     assert any(not torch.equal(saved[k], start[k]) for k in start)  # fine-tuned, not the start copied
+
+
+def test_model_folder_loads_with_its_path_alone_and_gives_the_scores_of_predictions_csv(adapted):
+    from pyiqa_grmp.evaluation import predict_checkpoint
+
+    options = yaml.safe_load((adapted['out'] / 'options.yml').read_text())
+    test_opt = dict(options['datasets']['val'], name='test', phase='test', cache_images=False)
+    _, result = predict_checkpoint({'type': 'GRMPIQA'}, str(adapted['out'] / 'model'), test_opt)
+    predictions = pd.read_csv(adapted['out'] / 'predictions.csv')
+    assert result['pred'] == pytest.approx(predictions['score_after'].to_numpy(), abs=1e-6)
+
+
+def test_model_card_reports_the_data_split_and_held_out_results(adapted):
+    card = (adapted['out'] / 'model' / 'README.md').read_text()
+    after = adapted['summary']['results']['after']
+    assert '24 shots for training, 8 validation carve-out' in card and '42 held-out test images' in card
+    assert f'{after["srcc"]:.4f} [{after["srcc_ci"][0]:.4f}, {after["srcc_ci"][1]:.4f}]' in card
+    config = json.loads((adapted['out'] / 'model' / 'config.json').read_text())
+    from pyiqa_grmp.model_folder import sha256_of
+    assert config['base_weights']['sha256'] == sha256_of(adapted['start'])
 
 
 def test_printed_cli_line_scores_images(adapted, tmp_path):
@@ -180,9 +201,16 @@ def test_unreadable_image_file_is_named(labelled, tmp_path, tiny_start, capsys):
     assert '1 image file(s) unreadable' in error and str(tmp_path / names[7]) in error
 
 
-def test_csv_without_a_numeric_score_column_is_refused(labelled, tmp_path, tiny_start, capsys):
+def test_csv_without_a_score_named_column_is_refused_naming_its_columns(labelled, tmp_path, tiny_start, capsys):
     labelled(count=60, second_column=['nice'] * 60)
-    assert "has no numeric score column: column 2 ('comment')" in _adapt_bad(tmp_path, tiny_start, capsys)
+    error = _adapt_bad(tmp_path, tiny_start, capsys)
+    assert "no column named MOS, DMOS or score (in any case); its columns are ['image_name', 'comment']" in error
+
+
+def test_a_score_column_given_by_name_must_be_numeric(labelled, tmp_path, tiny_start, capsys):
+    labelled(count=60, second_column=['nice'] * 60)
+    error = _adapt_bad(tmp_path, tiny_start, capsys, '--score-column', 'comment')
+    assert "has no numeric score column: column 2 ('comment')" in error
 
 
 def test_default_start_offline_says_where_to_put_the_weights(labelled, tmp_path, tiny_start, capsys, monkeypatch):

@@ -209,3 +209,108 @@ def test_one_image_held_out_of_a_source_is_labelled_half(tmp_path):
     dataset = DistortionTaskDataset({'name': 'v', 'phase': 'val', 'sources': [source], 'val_fraction': 0.34,
                                      'resize': 8})
     assert [label for _, label in dataset.held_out] == [0.5]
+
+
+# ------------------------------------------------------------------------------- columns of users' files
+#: The header of KonIQ-10k's koniq10k_scores_and_distributions.csv: vote counts c1..c5 come before the MOS.
+KONIQ_HEADER = ['image_name', 'c1', 'c2', 'c3', 'c4', 'c5', 'c_total', 'MOS', 'SD', 'MOS_zscore']
+#: The layout of SPAQ's annotations/MOS and Image attribute scores.xlsx.
+SPAQ_HEADER = ['Image name', 'MOS', 'Brightness', 'Colorfulness', 'Contrast', 'Noisiness', 'Sharpness']
+
+
+def _user_file(tmp_path, header, rows, name='labels.csv'):
+    frame = pd.DataFrame(rows, columns=header)
+    path = tmp_path / name
+    if name.endswith('.xlsx'):
+        frame.to_excel(path, index=False)
+    else:
+        frame.to_csv(path, index=False, sep='\t' if name.endswith('.tsv') else ',')
+    return str(path)
+
+
+def _by_name(path, **options):
+    return read_label_table(path, '/images', columns_by_name=True, lower_better=None, **options)
+
+
+def test_koniq_header_chooses_mos_not_the_vote_counts(tmp_path):
+    rows = [['1.jpg', 0, 1, 20, 80, 19, 120, 3.82, 0.6, 71.2], ['2.jpg', 5, 30, 60, 20, 5, 120, 2.95, 0.8, 52.0]]
+    labels = _by_name(_user_file(tmp_path, KONIQ_HEADER, rows))
+    assert labels.mos.tolist() == [3.82, 2.95] and labels.images == ['/images/1.jpg', '/images/2.jpg']
+    assert labels.columns == {'image': 'image_name', 'score': 'MOS'} and not labels.lower_better
+    assert "scores from column 'MOS' (by name" in labels.column_choice
+
+
+def test_spaq_layout_chooses_image_name_and_mos(tmp_path):
+    rows = [['00001.png', 42.3, 50.1, 40.0, 44.0, 30.2, 47.0], ['00002.png', 71.0, 60.0, 65.0, 70.1, 60.0, 75.3]]
+    labels = _by_name(_user_file(tmp_path, SPAQ_HEADER, rows))
+    assert labels.mos.tolist() == [42.3, 71.0] and labels.columns == {'image': 'Image name', 'score': 'MOS'}
+
+
+def test_a_dmos_column_means_lower_is_better(tmp_path):
+    labels = _by_name(_user_file(tmp_path, ['filename', 'DMOS'], [['a.png', 30.0], ['b.png', 60.0]]))
+    assert labels.lower_better and labels.columns['score'] == 'DMOS'
+    given = read_label_table(_user_file(tmp_path, ['filename', 'DMOS'], [['a.png', 30.0], ['b.png', 60.0]]), '/i',
+                             columns_by_name=True, lower_better=False)
+    assert not given.lower_better
+
+
+def test_both_mos_and_dmos_is_ambiguous_and_refused_naming_the_columns(tmp_path):
+    path = _user_file(tmp_path, ['image', 'MOS', 'DMOS'], [['a.png', 3.0, 40.0]])
+    with pytest.raises(LabelTableError, match=r"2 columns that could hold the score: \['MOS', 'DMOS'\].*its columns "
+                                              r"are \['image', 'MOS', 'DMOS'\].*--score-column"):
+        _by_name(path)
+
+
+def test_no_score_named_column_is_refused_naming_the_columns(tmp_path):
+    path = _user_file(tmp_path, ['image', 'quality', 'MOS_zscore'], [['a.png', 3.0, 0.2]])
+    with pytest.raises(LabelTableError, match=r"no column named MOS, DMOS or score.*\['image', 'quality', "
+                                              r"'MOS_zscore'\]"):
+        _by_name(path)
+
+
+def test_explicit_columns_win_over_the_names(tmp_path):
+    path = _user_file(tmp_path, KONIQ_HEADER, [['1.jpg', 0, 1, 20, 80, 19, 120, 3.82, 0.6, 71.2],
+                                               ['2.jpg', 5, 30, 60, 20, 5, 120, 2.95, 0.8, 52.0]])
+    labels = _by_name(path, score_column='MOS_zscore')
+    assert labels.mos.tolist() == [71.2, 52.0] and labels.columns['score'] == 'MOS_zscore'
+
+
+def test_without_an_image_named_column_the_first_column_is_the_image(tmp_path):
+    labels = _by_name(_user_file(tmp_path, ['picture', 'score'], [['a.png', 1.0], ['b.png', 2.0]]))
+    assert labels.images == ['/images/a.png', '/images/b.png']
+
+
+def test_pyiqa_layouts_stay_positional_without_columns_by_name(tmp_path):
+    labels = read_label_table(_user_file(tmp_path, KONIQ_HEADER, [['1.jpg', 0, 1, 2, 3, 4, 10, 3.8, 0.6, 71.2]]),
+                              '/images')
+    assert labels.columns['score'] == 'c1'
+
+
+def test_tsv_files_are_read_by_their_ending_and_by_their_header(tmp_path):
+    rows = [['a.png', 1.0], ['b.png', 2.0]]
+    assert _by_name(_user_file(tmp_path, ['image_name', 'MOS'], rows, 'labels.tsv')).mos.tolist() == [1.0, 2.0]
+    (tmp_path / 'labels.txt').write_text('image_name\tMOS\na.png\t1.5\nb.png\t2.5\n')
+    assert _by_name(str(tmp_path / 'labels.txt')).mos.tolist() == [1.5, 2.5]
+
+
+def test_excel_sheets_are_read_with_openpyxl(tmp_path):
+    pytest.importorskip('openpyxl')
+    path = _user_file(tmp_path, SPAQ_HEADER, [['00001.png', 42.3, 1, 2, 3, 4, 5], ['00002.png', 71.0, 1, 2, 3, 4, 5]],
+                      'MOS and Image attribute scores.xlsx')
+    assert _by_name(path).mos.tolist() == [42.3, 71.0]
+
+
+def test_excel_without_openpyxl_names_the_package(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / 'scores.xlsx').write_bytes(b'PK\x03\x04')
+    monkeypatch.setitem(sys.modules, 'openpyxl', None)  # import openpyxl now raises ImportError
+    with pytest.raises(LabelTableError, match=r'needs the package openpyxl \(pip install openpyxl\)'):
+        _by_name(str(tmp_path / 'scores.xlsx'))
+
+
+def test_meta_csv_sources_find_columns_by_name(tmp_path):
+    path = _user_file(tmp_path, KONIQ_HEADER, [['1.jpg', 0, 1, 2, 3, 4, 10, 3.8, 0.6, 71.2],
+                                               ['2.jpg', 0, 1, 2, 3, 4, 10, 2.1, 0.6, 41.2]])
+    labels = read_labels(label_source(meta_info=path, root='/images'))
+    assert labels.mos.tolist() == [3.8, 2.1]

@@ -174,6 +174,10 @@ class GRMPCheckpoint:
     prompt_buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     #: How the file held the tensors: 'state dict', or 'pickled module CLASS' (read without its code).
     container: str = 'state dict'
+    #: The network options the file says it is for (``'network'`` beside ``'params'``); None when it says none.
+    network: Optional[Dict[str, Any]] = None
+    #: What the file says of the weights it started from (``'base'`` beside ``'params'``), or None.
+    base: Optional[Dict[str, Any]] = None
 
 
 def _unwrap(obj: object, path: str) -> Dict[str, torch.Tensor]:
@@ -328,4 +332,6 @@ def read_grmp_checkpoint(path: str) -> GRMPCheckpoint:
     _check_floating(state, path)
     if _is_official(state):
         return convert_official_state_dict(_half_to_float(state), path, container)
-    return GRMPCheckpoint(path=path, source='pyiqa_grmp', state_dict=state, container=container)
+    described = {key: raw.get(key) if isinstance(raw, Mapping) and isinstance(raw.get(key), Mapping) else None
+                 for key in ('network', 'base')}
+    return GRMPCheckpoint(path=path, source='pyiqa_grmp', state_dict=state, container=container, **described)

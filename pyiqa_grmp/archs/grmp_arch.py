@@ -10,6 +10,8 @@ and are computed once, like the text features, and the last block runs the CLS q
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,6 +25,7 @@ from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve
 from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, UnsafeCheckpointError,
                          mismatch_error, read_grmp_checkpoint)
 from .pickled_module import TorchScriptArchiveError
+from ..model_folder import merge_network_options, read_model
 from .prompts import DeepVisualPrompts, TextPromptLearner
 
 QUALITY_CLASS_NAMES = ('high quality', 'low quality')
@@ -123,6 +126,19 @@ def _check_backbone(clip: nn.Module) -> None:
         raise ValueError('unsupported backbone for GRMP-IQA: ' + '; '.join(problems))
 
 
+def _defaults() -> Dict[str, object]:
+    return {name: p.default for name, p in inspect.signature(GRMPIQA.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _another_network(checkpoint: GRMPCheckpoint, total: int, missing: Sequence[str], unexpected: Sequence[str],
+                     shapes: Sequence[str]) -> bool:
+    """Whether a mismatch is that of a checkpoint of ours written for another network (reshaped tensors, or a
+    tenth of the keys off), rather than a broken file; only for files that do not describe their network."""
+    return checkpoint.source == 'pyiqa_grmp' and checkpoint.network is None and \
+        (bool(shapes) or len(missing) + len(unexpected) > total // 10)
+
+
 def _tokenizer_for(backbone: BackboneSpec, context_length: int) -> Callable[[Sequence[str]], torch.Tensor]:
     import open_clip
 
@@ -148,7 +164,10 @@ class GRMPIQA(nn.Module):
         resize, crop, mean, std, antialias: preprocessing; None takes the weight variant's values.
         augment: in training mode, crop at random and flip (the official fine-tuning augmentation).
         pretrained: load GRMP weights (``pretrained_model_path`` or the ``weights`` variant); False loads none.
-        pretrained_model_path: a checkpoint written by this package (``{'params': ...}``) or an official one.
+        pretrained_model_path: a model folder, ``hf://OWNER/NAME[@REVISION]`` (the hub cache, offline), a checkpoint
+            written by this package (``{'params': ...}``) or an official one. A folder, and a checkpoint that carries
+            its ``network`` options, supply the options from ``backbone`` to ``antialias`` (except
+            ``prompt_dropout``); one given with another value than its default that contradicts them is an error.
         weights: name of the released variant in :data:`pyiqa_grmp.pretrained.WEIGHT_VARIANTS`.
         precision: ``fp32`` (exact), ``bf16`` or ``fp16``: autocast of the image and text towers (CUDA; bf16 also
             on CPU), cached prompt keys/values and text features in that dtype, the score in fp32.
@@ -175,6 +194,19 @@ class GRMPIQA(nn.Module):
         super().__init__()
         self._constants: Dict[str, Tuple[tuple, object]] = {}
         self.precision = precision
+        checkpoint = None
+        if pretrained:
+            checkpoint = read_model(pretrained_model_path or resolve_weights(weights))
+        if checkpoint is not None and checkpoint.network is not None:
+            given = dict(backbone=backbone, num_visual_prompts=num_visual_prompts, n_ctx=n_ctx,
+                         class_names=class_names, scene_names=scene_names, resize=resize, crop=crop, mean=mean,
+                         std=std, antialias=antialias)
+            described = merge_network_options(given, checkpoint.network, _defaults(), checkpoint.path)
+            backbone, num_visual_prompts, n_ctx = described['backbone'], described['num_visual_prompts'], \
+                described['n_ctx']
+            class_names, scene_names = described['class_names'], described['scene_names']
+            resize, crop, mean, std = described['resize'], described['crop'], described['mean'], described['std']
+            antialias = described['antialias']
         variant = get_variant(weights)
         preprocessing = variant.preprocessing
         self.resize = int(resize if resize is not None else preprocessing.resize)
@@ -188,9 +220,6 @@ class GRMPIQA(nn.Module):
         self.register_buffer('pixel_mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('pixel_std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        checkpoint = None
-        if pretrained:
-            checkpoint = read_grmp_checkpoint(pretrained_model_path or resolve_weights(weights))
         # A GRMP checkpoint normally carries the whole CLIP; base weights are fetched only when it does not.
         self.clip = build_clip(backbone, None if pretrained else backbone_pretrained)
         _check_backbone(self.clip)
@@ -207,13 +236,22 @@ class GRMPIQA(nn.Module):
         self.register_buffer('scene_token_ids', tokenizer([f'a photo of a {s}' for s in self.scene_names]),
                              persistent=False)
         self._backbone, self._backbone_pretrained = backbone, backbone_pretrained
+        self._options = {'backbone': backbone, 'num_visual_prompts': int(num_visual_prompts), 'n_ctx': int(n_ctx),
+                         'class_names': list(class_names), 'scene_names': list(self.scene_names),
+                         'resize': self.resize, 'crop': self.crop, 'mean': [float(v) for v in mean],
+                         'std': [float(v) for v in std], 'antialias': self.antialias}
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
+
+    def network_options(self) -> Dict[str, object]:
+        """The options that rebuild this network (architecture and preprocessing), as plain data: what a
+        checkpoint or a model folder carries so that its path alone loads it."""
+        return copy.deepcopy(self._options)
 
     # ------------------------------------------------------------------------------------------------ loading
     def load_checkpoint(self, path: str) -> None:
         """Load a checkpoint of ours or an official one (converted), strictly, failing loudly on any mismatch."""
-        self._load_checkpoint(read_grmp_checkpoint(path))
+        self._load_checkpoint(read_model(path))
 
     def _load_checkpoint(self, checkpoint: GRMPCheckpoint) -> None:
         """Load strictly; backbone tensors come from base weights only if the checkpoint carries none of them.
@@ -237,12 +275,18 @@ class GRMPIQA(nn.Module):
             base = build_clip(backbone, backbone_pretrained).state_dict()
             state.update({k: base[k[len('clip.'):]] for k in missing_backbone})
             missing = []
-        if missing or unexpected:
-            raise mismatch_error(checkpoint.path, missing=missing, unexpected=unexpected)
         shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-                  for k, v in state.items() if v.shape != expected[k].shape]
-        if shapes:
-            raise mismatch_error(checkpoint.path, shapes=shapes)
+                  for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            if _another_network(checkpoint, len(expected), missing, unexpected, shapes):
+                raise CheckpointMismatchError(
+                    f'checkpoint {checkpoint.path} is for another GRMP-IQA network than the one built '
+                    f'({len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} reshaped of '
+                    f'{len(expected)} tensors, e.g. {(shapes or missing or unexpected)[0]}), and it does not say '
+                    'which network it is (written before checkpoints carried their network options): pass the '
+                    '`network:` options of its YAML (e.g. backbone, num_visual_prompts, resize, crop) as options '
+                    'of the metric (create_metric arguments, or --metric-opt grmp_iqa:KEY=VALUE)')
+            raise mismatch_error(checkpoint.path, missing=missing, unexpected=unexpected, shapes=shapes)
         self.load_state_dict(state, strict=True)
         self._check_prompt_buffers(checkpoint)
 

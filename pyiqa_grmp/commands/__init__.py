@@ -20,6 +20,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     'protocol': ('protocol', "the paper's few-shot protocol over random splits"),
     'make-synthetic': ('make_synthetic', 'write a small labelled dataset (offline)'),
     'demo': ('demo', 'score bundled photos, clean and distorted'),
+    'export': ('export', 'write a checkpoint as a model folder to share (safetensors, config.json, model card)'),
 }
 
 

@@ -21,10 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = add_command(subparsers, 'adapt', 'Check the labels and images, split them into shots / validation '
                          'carve-out / held-out test, fine-tune GRMP-IQA, choose the checkpoint on the carve-out and '
                          'report held-out correlations against the starting model. Everything goes to --out: '
-                         'model.pth, report.md, summary.json, predictions.csv, split.csv, options.yml (rerun with '
-                         'pyiqa-grmp train -opt), curves.png, scatter.png, experiments/.', EXAMPLES)
+                         'model/ (a model folder to share), model.pth, report.md, summary.json, predictions.csv, '
+                         'split.csv, options.yml (rerun with pyiqa-grmp train -opt), curves.png, scatter.png, '
+                         'experiments/.', EXAMPLES)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--meta-info', help='CSV: column 1 image path relative to --root, column 2 score (MOS)')
+    source.add_argument('--meta-info', help='CSV, TSV or .xlsx with a header: an image path relative to --root and '
+                                            'a score per row (see --image-column, --score-column)')
     source.add_argument('--dataset', help="a pyiqa dataset name (pyiqa's standard layout under --data-root)")
     parser.add_argument('--root', help='image folder of --meta-info')
     parser.add_argument('--data-root', default=default('data_root'),
@@ -47,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help='split, training and bootstrap seed (default %(default)s)')
     parser.add_argument('--mos-lower-better', action='store_const', const=True, default=default('mos_lower_better'),
                         help='the scores are DMOS (lower is better); default: the dataset info, else no')
+    parser.add_argument('--image-column', metavar='NAME', default=default('image_column'),
+                        help='header of the image column of --meta-info (default: the one column named image_name, '
+                             'image, img_name, filename, ... (any case), else the first column)')
+    parser.add_argument('--score-column', metavar='NAME', default=default('score_column'),
+                        help='header of the score column of --meta-info (default: the one column named MOS, DMOS or '
+                             'score, in any case; a DMOS column means lower is better)')
     parser.add_argument('--override', dest='override_file', metavar='YAML', default=default('override_file'),
                         help='training options merged into the generated ones, e.g. a smaller backbone '
                              '(configs/smoke/adapt_tiny.yml); read as plain data')
@@ -64,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                    data_root=args.data_root, shots=args.shots, test_ratio=args.test_ratio, num_val=args.num_val,
                    start=args.start, preset=args.preset, device=args.device, seed=args.seed,
                    mos_lower_better=args.mos_lower_better, override_file=args.override_file,
-                   overrides=args.overrides)
+                   overrides=args.overrides, image_column=args.image_column, score_column=args.score_column)
     summary = result.summary
     print(f'data: {summary["data"]["description"]}: {summary["data"]["num_images"]} labelled images')
     print(describe_split(summary['split'], summary['settings']['seed']))
@@ -73,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         row = summary['results'][key]
         print(f'  {label:<27} ' + '  '.join(f'{m.upper()} {interval_text(row[m], row[m + "_ci"])}'
                                            for m in ('srcc', 'plcc', 'krcc')))
-    print(f'\nwrote {result.out_dir}/model.pth, report.md, summary.json, predictions.csv, split.csv, curves.png, '
-          'scatter.png')
+    print(f'\nwrote {result.out_dir}/model/ (model.safetensors, config.json, README.md), model.pth, report.md, '
+          'summary.json, predictions.csv, split.csv, curves.png, scatter.png')
     print('\nuse the model from Python:')
     print(result.usage['python'])
     print('or from the command line:')

@@ -56,7 +56,8 @@ class FewShotNRDataset(GeneralNRDataset):
     """pyiqa NR dataset restricted to one few-shot split.
 
     Extra options: ``num_shots``, ``split_seed``, ``train_ratio`` (0.8), ``num_val`` (0), ``row_filter`` (use
-    only the rows it keeps, see :func:`pyiqa_grmp.data.labels.read_label_table`), ``label_norm``
+    only the rows it keeps, see :func:`pyiqa_grmp.data.labels.read_label_table`), ``image_column`` and
+    ``score_column`` (by name or 0-based position; default pyiqa's layout, columns 0 and 1), ``label_norm``
     (``minmax_per_subset`` | ``mos_range`` | ``none``), ``resize`` (244: images are stored squashed to this square,
     as the official .mat files), ``cache_images`` (keep decoded images in memory; default True for the shots).
     Any pyiqa ``augment`` options are applied on top, before the resize.
@@ -98,7 +99,8 @@ class FewShotNRDataset(GeneralNRDataset):
     def init_path_mos(self, opt: dict) -> None:
         """The (image path, raw MOS) rows of the meta CSV that ``row_filter`` keeps, checked."""
         try:
-            labels = read_label_table(opt['meta_info_file'], opt['dataroot_target'], row_filter=opt.get('row_filter'))
+            labels = read_label_table(opt['meta_info_file'], opt['dataroot_target'], row_filter=opt.get('row_filter'),
+                                      image_column=opt.get('image_column'), score_column=opt.get('score_column'))
         except LabelTableError as error:
             raise DatasetConfigError(f'dataset {opt.get("name")!r}: {error}') from error
         self.meta_info = labels.table

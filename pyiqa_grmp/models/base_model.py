@@ -20,6 +20,7 @@ from torch import nn
 from ..checkpointing import STATE_FORMAT, ResumeError, atomic_torch_save
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
 from ..metrics_log import METRICS_FILE, MetricsLog
+from ..model_folder import checkpoint_description
 
 
 class TrainingConfigError(ValueError):
@@ -201,13 +202,17 @@ class GRMPBaseModel(GeneralIQAModel):
 
     def save_network(self, net: nn.Module, net_label: str, current_iter: Optional[int] = None,
                      param_key: str = 'params') -> None:
-        """``models/<label>[_<iter>|_latest].pth`` as ``{param_key: state_dict}``, written atomically by rank 0."""
+        """``models/<label>[_<iter>|_latest].pth`` as ``{param_key: state_dict, 'network': ..., 'base': ...}``
+        (the network options and starting weights, so that the path alone loads it), written atomically by rank 0."""
         if self.opt.get('rank', 0) != 0:
             return
         suffix = '' if current_iter is None else '_latest' if current_iter == -1 else f'_{current_iter}'
+        bare = self.get_bare_model(net)
         weights = {key[len('module.'):] if key.startswith('module.') else key: value.detach().cpu()
-                   for key, value in self.get_bare_model(net).state_dict().items()}
-        atomic_torch_save({param_key: weights}, os.path.join(self.opt['path']['models'], f'{net_label}{suffix}.pth'))
+                   for key, value in bare.state_dict().items()}
+        described = checkpoint_description(bare, self.opt['network'].get('pretrained_model_path'))
+        atomic_torch_save({param_key: weights, **described},
+                          os.path.join(self.opt['path']['models'], f'{net_label}{suffix}.pth'))
 
     def save(self, epoch: int, current_iter: int, loop_state: Optional[dict] = None) -> None:
         """The network, then (for a real iteration) the training state that refers to it."""
