@@ -67,7 +67,7 @@ def add_metric_options_argument(parser: argparse.ArgumentParser, example: str = 
 
 def add_batch_arguments(parser: argparse.ArgumentParser, function: Callable) -> None:
     """``--batch-size`` and ``--workers`` of the commands that score images, with ``function``'s defaults."""
-    from ..scoring import MAX_DEFAULT_WORKERS
+    from ..scoring.pipeline import MAX_DEFAULT_WORKERS
 
     parser.add_argument('--batch-size', type=positive_int, metavar='N', default=api_default(function, 'batch_size'),
                         help='images per forward pass (any sizes for metrics that declare a fixed resize, such as '
