@@ -28,7 +28,8 @@ import pyiqa_grmp  # noqa: F401  (registers our types)
 from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerprint, find_resume_state, load_state,
                             remove_stale_temporaries, restore_rng, resume_fingerprint)
 from .data.samplers import ResumableSampler, SeededItems
-from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
+from .distributed import (all_gather_objects, any_rank, barrier, broadcast_object, check_ranks_hold_the_same,
+                          get_world_size, init_distributed)
 from .options import ConfigError, dump_yaml, parse_training_argv, prepare_options
 from .trusted_loading import trusted_loading
 
@@ -378,12 +379,11 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
 
 
 def _check_ranks_agree(model) -> None:
-    """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise)."""
-    checksum = float(sum(t.detach().double().sum().item() for t in model.synchronised_tensors()))
-    checksums = all_gather_objects(checksum)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f'the ranks ended training with different weights (checksums {checksums})')
-    get_root_logger().info(f'weights identical on all {len(checksums)} ranks (checksum {checksum:.6f})')
+    """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise):
+    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank."""
+    compared = check_ranks_hold_the_same(model.synchronised_state())
+    get_root_logger().info(f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by '
+                           'sha256)')
 
 
 def train(argv: Sequence[str], root_path: Optional[str] = None) -> Dict[str, Any]:

@@ -1,11 +1,12 @@
 """Configs and options are data, bounded, and mismatches are refused: YAML bombs cost milliseconds and are refused
 naming the file, override keys must exist, option values have their kinds, the experiment name is one folder name,
 and a meta-training state of other prompt tensors is a ResumeError naming what differs. All before anything runs."""
+import contextlib
 import copy
+import io
 import os
 import re
 import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -17,8 +18,9 @@ import yaml
 from pyiqa.models import build_model
 
 from grmp_test_utils import training_options
-from pyiqa_grmp.adapt import LabelledSet, SplitPlan, build_options, read_override, set_option
+from pyiqa_grmp.adapt import SplitPlan, build_options, read_override, set_option
 from pyiqa_grmp.checkpointing import ResumeError, load_state
+from pyiqa_grmp.data.labels import LabelledImages
 from pyiqa_grmp.options import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ConfigError, apply_override,
                                 check_option_values, load_yaml, parse_override_value, parse_training_argv)
 
@@ -36,29 +38,23 @@ def billion_laughs(levels: int = 9) -> str:
     return '\n'.join(lines) + '\n'
 
 
-class TrainCommands:
-    """``python -m pyiqa_grmp train ARGV`` runs, single-threaded and offline, each in its own folder, started
-    together (each pays the import of pyiqa; they wait on nothing of each other)."""
+def run_train(workdir: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``pyiqa-grmp train ARGV`` from ``workdir``, in this process (a refusal happens before anything is built, so
+    no process of its own is needed): its exit status and what it printed."""
+    from pyiqa_grmp.cli import main
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.running = root, {}
-
-    def start(self, label: str, *argv: str) -> Path:
-        workdir = self.root / label
-        workdir.mkdir(exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-        self.running[label] = subprocess.Popen([sys.executable, '-m', 'pyiqa_grmp', 'train', *argv], cwd=workdir,
-                                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        return workdir
-
-    def result(self, label: str) -> subprocess.CompletedProcess:
-        process = self.running[label]
-        try:
-            out, err = process.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    workdir.mkdir(exist_ok=True)
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(['train', *argv])
+            except SystemExit as exit_:
+                status = exit_.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(['pyiqa-grmp', 'train', *argv], status, out.getvalue(), err.getvalue())
 
 
 def billion_laughs_config(folder: Path) -> Path:
@@ -78,19 +74,18 @@ def escaping_config(folder: Path) -> Path:
 
 @pytest.fixture(scope='module')
 def commands(tmp_path_factory):
-    """The four refused commands, started at once; ``commands[label]`` is (workdir, completed process)."""
+    """The four refused commands; ``commands[label]`` is (workdir, completed command)."""
     root = tmp_path_factory.mktemp('commands')
-    runner = TrainCommands(root)
-    folders = {label: root / label for label in ('bomb', 'name')}
+    folders = {label: root / label for label in ('bomb', 'typo', 'type', 'name')}
     for folder in folders.values():
         folder.mkdir()
-    workdirs = {
-        'bomb': runner.start('bomb', '-opt', str(billion_laughs_config(folders['bomb']))),
-        'typo': runner.start('typo', '-opt', str(FINETUNE), '--force_yml', 'train:optim:lrr=5'),
-        'type': runner.start('type', '-opt', str(FINETUNE), '--force_yml', 'train:total_epoch=abc'),
-        'name': runner.start('name', '-opt', str(escaping_config(folders['name']))),
+    argv = {
+        'bomb': ['-opt', str(billion_laughs_config(folders['bomb']))],
+        'typo': ['-opt', str(FINETUNE), '--force_yml', 'train:optim:lrr=5'],
+        'type': ['-opt', str(FINETUNE), '--force_yml', 'train:total_epoch=abc'],
+        'name': ['-opt', str(escaping_config(folders['name']))],
     }
-    return {label: (workdirs[label], runner.result(label)) for label in workdirs}
+    return {label: (folders[label], run_train(folders[label], *args)) for label, args in argv.items()}
 
 
 def _refused_quickly(path: Path) -> str:
@@ -279,8 +274,8 @@ def test_force_yml_missing_section_names_the_sections_that_exist():
 @pytest.fixture
 def adapt_options():
     """The options adapt generates (cpu preset), before --set."""
-    labels = LabelledSet(meta_info='/data/labels.csv', root='/data', paths=[f'/data/{i}.png' for i in range(60)],
-                         mos=np.linspace(1, 5, 60), lower_better=False, description='test')
+    labels = LabelledImages(images=[f'/data/{i}.png' for i in range(60)], mos=np.linspace(1, 5, 60),
+                            lower_better=False, description='test', meta_info='/data/labels.csv', root='/data')
     plan = SplitPlan(num_shots=20, num_val=6, train_ratio=0.8, seed=0)
     options = build_options(labels, plan, 'cpu', '/weights/start.pth', 'cpu', 0)
     check_option_values(options, 'the options of adapt')

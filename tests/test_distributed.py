@@ -85,9 +85,17 @@ def _collectives_in_one_rank(rank, port, results):
     context = distributed.init_distributed('torchrun', device='cpu')
     try:
         distributed.barrier()
+        same = {'a': torch.arange(6.0), 'mask': torch.full((2, 2), float('-inf'))}
+        drifted = {**same, 'b': torch.tensor([1.0, 2.0 + rank * 1e-6])}
+        try:
+            distributed.check_ranks_hold_the_same(drifted)
+            drift_error = None
+        except RuntimeError as error:
+            drift_error = str(error)
         results[rank] = (context, distributed.broadcast_object(f'from {rank}'),
                          distributed.all_gather_objects({'rank': rank}), distributed.gather_objects(rank * 10),
-                         distributed.is_main_process(), distributed.get_rank(), distributed.get_world_size())
+                         distributed.is_main_process(), distributed.get_rank(), distributed.get_world_size(),
+                         distributed.check_ranks_hold_the_same(same), drift_error)
     finally:
         distributed.destroy()
 
@@ -105,11 +113,35 @@ def test_collectives_across_two_gloo_processes():
                 pytest.fail('the two ranks did not finish in time')
         results = dict(results)
     for rank in (0, 1):
-        context, broadcast, gathered, gathered_on_zero, main, own_rank, world_size = results[rank]
+        context, broadcast, gathered, gathered_on_zero, main, own_rank, world_size, compared, drift = results[rank]
         assert context == distributed.DistContext(rank, 2, rank, torch.device('cpu'), 'gloo')
         assert broadcast == 'from 0' and gathered == [{'rank': 0}, {'rank': 1}] and main == (rank == 0)
         assert gathered_on_zero == ([0, 10] if rank == 0 else None)
         assert (own_rank, world_size) == (rank, 2)
+        assert compared == 2
+        assert drift == ('the ranks ended training with different weights: 1 of 3 tensors differ from rank 0: '
+                         'b on rank(s) 1')
+
+
+def test_digests_tell_bit_identical_tensors_from_any_difference():
+    base = {'w': torch.tensor([1.0, 2.0, 3.0]), 'mask': torch.tensor([0.0, float('-inf')]), 'n': torch.tensor(3)}
+    digests = distributed.tensor_digests(base)
+    assert distributed.tensor_digests({k: v.clone() for k, v in base.items()}) == digests
+    swapped = {**base, 'w': torch.tensor([2.0, 1.0, 3.0])}  # the same sum: a checksum of sums cannot see this
+    one_ulp = {**base, 'w': torch.nextafter(base['w'], torch.tensor(9.0))}
+    retyped = {**base, 'w': base['w'].double()}
+    reshaped = {**base, 'w': base['w'].reshape(3, 1)}
+    for other in (swapped, one_ulp, retyped, reshaped):
+        assert distributed.tensor_digests(other)['w'] != digests['w']
+        assert distributed.tensor_digests(other)['mask'] == digests['mask']
+
+
+def test_differing_tensors_names_each_tensor_and_the_ranks_it_differs_on():
+    same = {'a': '1', 'b': '2', 'c': '3'}
+    assert distributed.differing_tensors([same, dict(same), dict(same)]) == {}
+    gathered = [same, {**same, 'b': 'x'}, {**same, 'b': 'y', 'c': 'z'}, {'a': '1', 'b': '2'}]
+    assert distributed.differing_tensors(gathered) == {'b': [1, 2], 'c': [2, 3]}
+    assert distributed.differing_tensors([same, {**same, 'extra': '4'}]) == {'extra': [0, 1]}
 
 
 # ---------------------------------------------------------------------------------------- scoring under torchrun
