@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -10,19 +9,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from grmp_test_utils import free_port, photo, tiny_grmp_cli_options
+from grmp_test_utils import (REPO_ROOT, free_port, grmp_command, photo, subprocess_env, tiny_grmp_cli_options,
+                             torchrun_command)
 from pyiqa_grmp import distributed
 from pyiqa_grmp.cli import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT = 300
 NUM_IMAGES = 40
-
-
-def _subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
-    return env
 
 
 def test_shard_is_disjoint_complete_and_balanced():
@@ -179,10 +172,8 @@ def one_process_csv(collection, tiny_checkpoint, tmp_path_factory):
 
 
 def _torchrun(args, timeout=SUBPROCESS_TIMEOUT):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
-               '--master_addr', '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp', *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(),
-                          cwd=REPO_ROOT)
+    return subprocess.run(torchrun_command(2, *args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd=REPO_ROOT)
 
 
 def test_two_ranks_write_the_csv_of_one_process(collection, tiny_checkpoint, one_process_csv, tmp_path):
@@ -210,8 +201,8 @@ def test_two_ranks_resume_from_the_csv_and_part_files_of_an_earlier_run(collecti
 def test_resume_after_a_killed_run_gives_the_csv_of_an_uninterrupted_run(collection, tiny_checkpoint,
                                                                          one_process_csv, tmp_path):
     out_csv = tmp_path / 'scores.csv'
-    command = [sys.executable, '-m', 'pyiqa_grmp', *_score_args(collection, out_csv, tiny_checkpoint, '--workers', '1')]
-    run = subprocess.Popen(command, env=_subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+    command = grmp_command(*_score_args(collection, out_csv, tiny_checkpoint, '--workers', '1'))
+    run = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     try:

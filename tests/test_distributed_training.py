@@ -5,8 +5,6 @@ for launches that cannot work."""
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grmp_test_utils import free_port
+from grmp_test_utils import finish_command, grmp_command, start_command, torchrun_command
 from pyiqa_grmp.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
@@ -34,31 +32,19 @@ TIMEOUT = 400
 RANKS_AGREE = re.compile(r'weights identical on all 2 ranks \([1-9]\d* tensors compared by sha256\)')
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
-
-
 def _command(ranks, command, config, name, overrides, *extra):
-    launch = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(ranks), '--master_addr',
-               '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp']
-              if ranks else [sys.executable, '-m', 'pyiqa_grmp'])
-    launcher = ['--launcher', 'pytorch'] if ranks else []
-    return [*launch, command, '-opt', str(config), *launcher, *extra, '--force_yml', *overrides, f'name={name}']
+    args = [command, '-opt', str(config), *(['--launcher', 'pytorch'] if ranks else []), *extra, '--force_yml',
+            *overrides, f'name={name}']
+    return torchrun_command(ranks, *args) if ranks else grmp_command(*args)
 
 
 def _start(workdir, ranks, config, name, overrides, *extra, command='train'):
-    return subprocess.Popen(_command(ranks, command, config, name, overrides, *extra), cwd=workdir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start_command(_command(ranks, command, config, name, overrides, *extra), workdir)
 
 
 def _outcome(process):
     """(exit status, output) of a launch once it has ended; the whole job is killed if it outlives TIMEOUT."""
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    return process.returncode, output
+    return finish_command(process, TIMEOUT)
 
 
 def _run(workdir, ranks, config, name, overrides, *extra, command='train'):
@@ -96,8 +82,8 @@ def finetune_runs(synthetic_workdir):
                              ('dist_two', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16'], ()))
     assert one[0] == 0, one[1][-3000:]
     assert two[0] == 0, two[1][-3000:]
-    return {'one': synthetic_workdir / 'experiments' / 'dist_one', 'two': synthetic_workdir / 'experiments' / 'dist_two',
-            'log_two': two[1]}
+    experiments = synthetic_workdir / 'experiments'
+    return {'one': experiments / 'dist_one', 'two': experiments / 'dist_two', 'log_two': two[1]}
 
 
 def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(finetune_runs):
@@ -166,9 +152,7 @@ def test_launcher_without_torchrun_environment_fails_at_once(synthetic_workdir, 
 def test_two_ranks_stopped_by_sigterm_resume_to_the_uninterrupted_run(finetune_runs, synthetic_workdir):
     experiment = synthetic_workdir / 'experiments' / 'dist_sigterm'
     overrides = [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16']
-    process = subprocess.Popen(_command(2, 'train', FINETUNE, 'dist_sigterm', overrides), cwd=synthetic_workdir,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = _start(synthetic_workdir, 2, FINETUNE, 'dist_sigterm', overrides)
     deadline = time.monotonic() + TIMEOUT
     while not (experiment / 'training_states' / '1.state').exists():
         assert process.poll() is None and time.monotonic() < deadline, 'training ended before it could be stopped'

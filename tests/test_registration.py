@@ -2,7 +2,6 @@
 import importlib
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from pyiqa.default_model_configs import DEFAULT_CONFIGS
 from pyiqa.utils.registry import ARCH_REGISTRY
 
 import pyiqa_grmp
+from grmp_test_utils import subprocess_env
 from pyiqa_grmp import registry
 
 
@@ -81,8 +81,8 @@ def test_entry_point_is_declared_and_callable():
 
 
 def _run_python(code: str) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE='1')
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=subprocess_env(),
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 

@@ -6,7 +6,6 @@ Every payload is first shown to run when loaded naively (plain ``torch.load(weig
 import os
 import pickle
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from grmp_test_utils import grmp_command, subprocess_env
 from pyiqa_grmp.trusted_loading import RefusedFileError, read_split_file, trusted_loading
 
 TIMEOUT = 180
@@ -56,9 +56,8 @@ class _Launched:
     def __init__(self, args, cwd, folder, payload, marker):
         self.payload, self.marker = payload, marker
         self._out, self._err = open(folder / 'stdout', 'w+'), open(folder / 'stderr', 'w+')
-        env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', OMP_NUM_THREADS='1')
-        self._process = subprocess.Popen([sys.executable, '-m', 'pyiqa_grmp', *args], cwd=str(cwd), env=env,
-                                         stdout=self._out, stderr=self._err)
+        self._process = subprocess.Popen(grmp_command(*args), cwd=str(cwd), env=subprocess_env(), stdout=self._out,
+                                         stderr=self._err)
 
     def result(self):
         """(exit status, standard output + error), waiting at most TIMEOUT seconds."""
