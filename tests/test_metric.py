@@ -12,7 +12,7 @@ def metric(tiny_checkpoint):
                                backbone=TINY_BACKBONE, num_visual_prompts=TINY_NUM_PROMPTS)
 
 
-def test_metric_attributes(metric):
+def test_metric_is_no_reference_higher_better_in_0_1(metric):
     assert metric.lower_better is False
     assert metric.metric_mode == 'NR'
     assert metric.score_range == '0, 1'
