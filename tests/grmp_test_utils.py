@@ -164,3 +164,26 @@ def finish_command(process: subprocess.Popen, timeout: float) -> Tuple[int, str]
 def run_command(command: Sequence[str], cwd, timeout: float, **env: str) -> Tuple[int, str]:
     """Run a command to its end: (exit status, stdout and stderr together)."""
     return finish_command(start_command(command, cwd, **env), timeout)
+
+
+def nested_settings(settings: Dict, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], object]]:
+    """(path of keys, value) of every setting in a nested mapping, such as a section of presets/paper.yml."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += nested_settings(value, (*path, key))
+        else:
+            found.append(((*path, key), value))
+    return found
+
+
+def settings_that_differ(options: Dict, settings: Dict) -> Dict[str, Tuple[object, object]]:
+    """Each setting of ``settings`` whose value in ``options`` (at the same path of keys) differs:
+    'a.b.c' -> (value in options, setting)."""
+    def at(path):
+        value = options
+        for key in path:
+            value = value[key]
+        return value
+
+    return {'.'.join(path): (at(path), value) for path, value in nested_settings(settings) if at(path) != value}

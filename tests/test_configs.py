@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from pyiqa.data import build_dataset
 
+from grmp_test_utils import nested_settings, settings_that_differ
 from pyiqa_grmp.data.fewshot_dataset import DatasetConfigError
 from pyiqa_grmp.presets import paper_settings
 from pyiqa_grmp.train import parse_training_options
@@ -15,27 +16,12 @@ STAGE_OF_CONFIG = {**{name: 'finetune' for name in PAPER_CONFIGS},
                    'meta_pretrain_kadid10k_tid2013.yml': 'meta_pretrain'}
 
 
-def _leaves(settings, path=()):
-    """(path of keys, value) of every setting in a nested mapping."""
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, (*path, key))
-        else:
-            yield (*path, key), value
-
-
-def _at(opt, path):
-    for key in path:
-        opt = opt[key]
-    return opt
-
-
 @pytest.mark.parametrize('name, stage', STAGE_OF_CONFIG.items())
 def test_paper_config_agrees_with_paper_yml_on_every_paper_setting(name, stage, tmp_path):
     opt, _ = parse_training_options(['-opt', str(CONFIGS / name)], str(tmp_path))
-    settings = list(_leaves(paper_settings(stage)))
-    assert len(settings) >= 15
-    differing = {'.'.join(path): (_at(opt, path), value) for path, value in settings if _at(opt, path) != value}
+    settings = paper_settings(stage)
+    assert len(nested_settings(settings)) >= 15
+    differing = settings_that_differ(opt, settings)
     assert not differing, f'{name} differs from presets/paper.yml (config, paper): {differing}'
 
 
