@@ -187,3 +187,29 @@ def settings_that_differ(options: Dict, settings: Dict) -> Dict[str, Tuple[objec
         return value
 
     return {'.'.join(path): (at(path), value) for path, value in nested_settings(settings) if at(path) != value}
+
+
+def run_main(argv: Sequence[str], cwd=None) -> Tuple[int, str, str]:
+    """``pyiqa-grmp ARGV`` in this process, from ``cwd``: (exit status, stdout, stderr). An exception that escapes
+    the command is printed to stderr as its traceback with status 1, as the interpreter would."""
+    import contextlib
+    import io
+    import traceback
+
+    from pyiqa_grmp.cli import main
+
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(list(argv))
+            except SystemExit as exit_:
+                status = exit_.code
+            except Exception:  # noqa: BLE001  (what the command would have died of)
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(previous)
+    return status, out.getvalue(), err.getvalue()

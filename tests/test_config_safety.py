@@ -1,9 +1,7 @@
 """Configs and options are data, bounded, and mismatches are refused: YAML bombs cost milliseconds and are refused
 naming the file, override keys must exist, option values have their kinds, the experiment name is one folder name,
 and a meta-training state of other prompt tensors is a ResumeError naming what differs. All before anything runs."""
-import contextlib
 import copy
-import io
 import os
 import re
 import subprocess
@@ -17,7 +15,7 @@ import torch
 import yaml
 from pyiqa.models import build_model
 
-from grmp_test_utils import training_options
+from grmp_test_utils import run_main, training_options
 from pyiqa_grmp.adapt import SplitPlan, build_options, read_override, set_option
 from pyiqa_grmp.checkpointing import ResumeError, load_state
 from pyiqa_grmp.data.labels import LabelledImages
@@ -41,20 +39,8 @@ def billion_laughs(levels: int = 9) -> str:
 def run_train(workdir: Path, *argv: str) -> subprocess.CompletedProcess:
     """``pyiqa-grmp train ARGV`` from ``workdir``, in this process (a refusal happens before anything is built, so
     no process of its own is needed): its exit status and what it printed."""
-    from pyiqa_grmp.cli import main
-
-    workdir.mkdir(exist_ok=True)
-    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(workdir)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = main(['train', *argv])
-            except SystemExit as exit_:
-                status = exit_.code
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(['pyiqa-grmp', 'train', *argv], status, out.getvalue(), err.getvalue())
+    status, out, err = run_main(['train', *argv], workdir)
+    return subprocess.CompletedProcess(['pyiqa-grmp', 'train', *argv], status, out, err)
 
 
 def billion_laughs_config(folder: Path) -> Path:

@@ -3,11 +3,8 @@
 Every payload is first shown to run when loaded naively (plain ``torch.load(weights_only=False)`` or
 ``pickle.load``); the command then runs it through pyiqa's loaders and the marker it would create stays absent.
 """
-import contextlib
-import io
 import os
 import pickle
-import traceback
 
 import numpy as np
 import pandas as pd
@@ -17,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from grmp_test_utils import run_main
 from pyiqa_grmp.trusted_loading import RefusedFileError, read_split_file, trusted_loading
 
 TIMEOUT = 180
@@ -52,27 +50,12 @@ def _pickled_split(path, marker) -> str:
 
 
 class _Ran:
-    """One ``pyiqa-grmp`` command run on its payload in this process, from ``cwd``: its exit status and everything
-    it printed (an exception that escapes the command is printed as its traceback, as the interpreter would)."""
+    """One ``pyiqa-grmp`` command run on its payload in this process, from ``cwd``."""
 
     def __init__(self, args, cwd, payload, marker):
-        from pyiqa_grmp.cli import main
-
         self.payload, self.marker = payload, marker
-        buffer, previous = io.StringIO(), os.getcwd()
-        os.chdir(cwd)
-        try:
-            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-                try:
-                    self.status = main(list(args))
-                except SystemExit as exit_:
-                    self.status = exit_.code
-                except Exception:  # noqa: BLE001  (what the command would have died of)
-                    traceback.print_exc()
-                    self.status = 1
-        finally:
-            os.chdir(previous)
-        self.output = buffer.getvalue()
+        self.status, out, err = run_main(args, cwd)
+        self.output = out + err
 
     def result(self):
         """(exit status, standard output + error)."""
