@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grmp_test_utils import finish_command, grmp_command, start_command, torchrun_command
+from grmp_test_utils import finish_command, free_port, grmp_command, run_main, start_command, torchrun_command
 from pyiqa_grmp.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
@@ -130,10 +130,23 @@ def test_protocol_spreads_runs_over_ranks_and_writes_the_tables_of_one_process(s
     pd.testing.assert_frame_equal(table_one, table_two)
 
 
-def test_fewer_shots_than_ranks_is_a_clear_error(synthetic_workdir):
-    status, output = _run(synthetic_workdir, 2, FINETUNE, 'too_few', ['datasets:train:num_shots=1'])
-    assert status != 0
-    assert '1 training images (num_shots x dataset_enlarge_ratio) cannot be shared by 2 processes' in output
+def test_fewer_shots_than_ranks_is_a_clear_error_before_the_ranks_meet(synthetic_workdir, monkeypatch):
+    """What every rank of ``torchrun --nproc_per_node 2`` does first; no rank waits for the others to fail."""
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(free_port()))
+
+    def rendezvous(*args, **kwargs):
+        raise AssertionError('the ranks met before the refusal')
+
+    monkeypatch.setattr('pyiqa_grmp.train.init_distributed', rendezvous)
+    status, _, err = run_main(['train', '-opt', str(FINETUNE), '--launcher', 'pytorch', '--force_yml',
+                               'datasets:train:num_shots=1', 'name=too_few'], synthetic_workdir)
+    assert status == 2
+    assert '1 training images (num_shots x dataset_enlarge_ratio) cannot be shared by 2 processes' in err
+    assert not (synthetic_workdir / 'experiments' / 'too_few').exists()
 
 
 def test_launcher_without_torchrun_environment_fails_at_once(synthetic_workdir, capsys, monkeypatch):
