@@ -18,16 +18,17 @@ from pyiqa.models import build_model
 
 import pyiqa_grmp  # noqa: F401
 from pyiqa_grmp import regularize_gradients
+from pyiqa_grmp.presets import paper_settings
 
 
 def _options(backbone: str, workdir: str, device: str) -> dict:
+    paper = paper_settings('finetune')
     return {
         'name': 'bench', 'model_type': 'GRMPFinetuneModel', 'num_gpu': 1 if device == 'cuda' else 0,
         'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'manual_seed': 0,
         'network': {'type': 'GRMPIQA', 'pretrained': False, 'backbone': backbone, 'backbone_pretrained': None},
         'path': {'models': workdir, 'training_states': workdir, 'pretrain_network': None},
-        'train': {'optim': {'type': 'SGD', 'lr': 1e-3, 'weight_decay': 1e-4},
-                  'grad_reg': {'lam': 5.0, 'mode': 'official', 'temperature': 1.0}},
+        'train': {key: paper['train'][key] for key in ('optim', 'grad_reg')},  # the paper's SGD and rule
         'val': {'key_metric': 'srcc', 'metrics': {'srcc': {'type': 'calculate_srcc'}}},
     }
 

@@ -16,17 +16,18 @@ from common import benchmark_parser, prepare, run_side_by_side
 from pyiqa.models import build_model
 
 import pyiqa_grmp  # noqa: F401
+from pyiqa_grmp.presets import paper_settings
 
 
 def _options(args: argparse.Namespace, workdir: str) -> dict:
+    paper = paper_settings('meta_pretrain')
     return {
         'name': 'bench', 'model_type': 'GRMPMetaPromptModel', 'num_gpu': 1 if args.device == 'cuda' else 0,
         'is_train': True, 'dist': False, 'rank': 0, 'world_size': 1, 'manual_seed': 0,
         'network': {'type': 'GRMPIQA', 'pretrained': False, 'backbone': args.backbone, 'backbone_pretrained': None},
         'path': {'models': workdir, 'training_states': workdir, 'pretrain_network': None},
-        'train': {'optim': {'type': 'Adam', 'lr': 1e-4},
-                  'meta': {'mode': 'reptile', 'outer_step': 0.01, 'support_batch': args.support_batch,
-                           'query_batch': args.query_batch}},
+        'train': {'optim': paper['train']['optim'],  # the paper's inner Adam and outer step, smaller batches
+                  'meta': dict(paper['train']['meta'], support_batch=args.support_batch, query_batch=args.query_batch)},
         'val': {'key_metric': 'srcc', 'metrics': {'srcc': {'type': 'calculate_srcc'}}},
     }
 

@@ -34,6 +34,7 @@ from .data.labels import LabelledImages, label_source, read_labels
 from .errors import InvalidArgument
 from .metrics_log import METRICS_FILE, read_metrics
 from .options import check_option_values
+from .presets import paper_settings
 from .reporting import CURVES_FILE, copy_atomically, plot_curves, scatter_before_after, write_atomically
 from .stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
 
@@ -44,24 +45,19 @@ MIN_VAL_IMAGES = 3
 RUN_NAME = 'adapt'
 BOOTSTRAP_RESAMPLES = 2000
 
-#: The paper's fine-tuning settings (configs/finetune_livec_50shot.yml): SGD, the official gradient rule at
-#: lambda 5, the last 4 blocks of both towers trainable, the official plateau schedule, up to 2000 epochs,
-#: validation every 5 iterations, at most 50 images per batch (one batch of all shots for up to 50 shots).
-PAPER_TRAIN = {
-    'optim': {'type': 'SGD', 'lr': 1e-3, 'weight_decay': 1e-4},
-    'trainable': {'last_blocks': 4, 'names': ['prompt_learner.ctx', 'clip.visual.ln_post', 'clip.ln_final']},
-    'grad_reg': {'lam': 5.0, 'mode': 'official', 'temperature': 1.0},
-    'lr_plateau': {'factor': 0.3, 'patience': 6, 'min_iter': 10, 'min_lr': 5e-7},
-    'amp': None,
-    'total_epoch': 2000,
-}
+#: The paper's fine-tuning settings (``presets/paper.yml``): SGD, the official gradient rule at lambda 5, the last 4
+#: blocks of both towers trainable, the official plateau schedule, up to 2000 epochs, validation every 5
+#: iterations, at most 50 images per batch (one batch of all shots for up to 50 shots).
+_PAPER = paper_settings('finetune')
+PAPER_TRAIN = _PAPER['train']
 PRESETS: Dict[str, dict] = {
-    'paper': {'train': PAPER_TRAIN, 'val_freq': 5, 'max_batch': 50, 'save_checkpoint_freq': 500},
+    'paper': {'train': PAPER_TRAIN, 'val_freq': _PAPER['val']['val_freq'],
+              'max_batch': _PAPER['datasets']['train']['batch_size_per_gpu'], 'save_checkpoint_freq': 500},
     # Same rule, optimiser, trainable parts and batch; 12 epochs instead of up to 2000, validation every 2
     # iterations instead of 5, and the plateau rule's patience 2 validations instead of 6 so it can act.
     'cpu': {'train': dict(PAPER_TRAIN, total_epoch=12,
-                          lr_plateau={'factor': 0.3, 'patience': 2, 'min_iter': 4, 'min_lr': 5e-7}),
-            'val_freq': 2, 'max_batch': 50, 'save_checkpoint_freq': 6},
+                          lr_plateau=dict(PAPER_TRAIN['lr_plateau'], patience=2, min_iter=4)),
+            'val_freq': 2, 'max_batch': _PAPER['datasets']['train']['batch_size_per_gpu'], 'save_checkpoint_freq': 6},
 }
 PRESET_HELP = {
     'paper': 'the paper\'s settings: SGD lr 1e-3, gradient rule "official" at lambda 5, last 4 blocks trainable, '

@@ -9,9 +9,10 @@ whether they were launched in parallel; a model or a scoring loop asks this modu
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -262,3 +263,40 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def tensor_digests(tensors: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 of each tensor's dtype, shape and bytes, by name: equal digests mean bit-identical tensors."""
+    digests = {}
+    for name, tensor in tensors.items():
+        value = tensor.detach().cpu().contiguous()
+        digest = hashlib.sha256(f'{value.dtype} {tuple(value.shape)}'.encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests[name] = digest.hexdigest()
+    return digests
+
+
+def differing_tensors(digests_by_rank: Sequence[Mapping[str, str]]) -> Dict[str, List[int]]:
+    """The tensors whose digest on some rank differs from rank 0's (or that a rank lacks), with those ranks."""
+    names = sorted(set().union(*digests_by_rank))
+    reference = digests_by_rank[0]
+    differing = {}
+    for name in names:
+        ranks = [rank for rank, digests in enumerate(digests_by_rank)
+                 if name not in reference or digests.get(name) != reference[name]]
+        if ranks:
+            differing[name] = ranks
+    return differing
+
+
+def check_ranks_hold_the_same(tensors: Mapping[str, torch.Tensor], what: str = 'weights') -> int:
+    """Compare every tensor, bit for bit, across the ranks (by gathered sha256 digests); raise a RuntimeError
+    naming the tensors that differ and the ranks they differ on. Returns the number of tensors compared."""
+    differing = differing_tensors(all_gather_objects(tensor_digests(tensors)))
+    if differing:
+        shown = '; '.join(f'{name} on rank(s) {", ".join(map(str, ranks))}'
+                          for name, ranks in list(differing.items())[:20])
+        more = f' (and {len(differing) - 20} more)' if len(differing) > 20 else ''
+        raise RuntimeError(f'the ranks ended training with different {what}: {len(differing)} of {len(tensors)} '
+                           f'tensors differ from rank 0: {shown}{more}')
+    return len(tensors)

@@ -206,8 +206,10 @@ def parse_metric_options(specs: Sequence[str], flag: str = '--metric-opt') -> Di
 
 def addable_options(opt: Dict[str, Any], section: Sequence[str]) -> frozenset:
     """Keys an override may add to ``section`` (a path of keys) that are not there yet: :data:`OPTIONAL_OPTIONS`,
-    and for ``train.optim`` the parameters of the optimizer it names."""
+    for ``train.optim`` the parameters of the optimizer it names, and for ``network`` those of the arch."""
     names = set(OPTIONAL_OPTIONS.get('.'.join(section), frozenset()))
+    if list(section) == ['network']:
+        names |= _arch_parameters(str((opt.get('network') or {}).get('type')))
     if len(section) == 2 and section[0] == 'datasets':
         names |= OPTIONAL_OPTIONS['datasets.*']
     if list(section) == ['train', 'optim']:
@@ -215,6 +217,18 @@ def addable_options(opt: Dict[str, Any], section: Sequence[str]) -> frozenset:
         if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
             names |= set(inspect.signature(optimizer.__init__).parameters) - {'self', 'params'}
     return frozenset(names)
+
+
+def _arch_parameters(arch_type: str) -> frozenset:
+    """The keyword options of a registered pyiqa arch (every one has a default), or none for an unknown type."""
+    from pyiqa.utils.registry import ARCH_REGISTRY
+
+    try:
+        arch = ARCH_REGISTRY.get(arch_type)
+    except KeyError:
+        return frozenset()
+    parameters = inspect.signature(arch).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def apply_override(opt: Dict[str, Any], entry: str, flag: str = '--force_yml') -> None:

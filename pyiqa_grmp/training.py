@@ -29,7 +29,8 @@ import pyiqa_grmp  # noqa: F401  (registers our types)
 from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerprint, find_resume_state, load_state,
                             remove_stale_temporaries, restore_rng, resume_fingerprint)
 from .data.samplers import ResumableSampler, SeededItems
-from .distributed import all_gather_objects, any_rank, barrier, broadcast_object, init_distributed
+from .distributed import (all_gather_objects, any_rank, barrier, broadcast_object, check_ranks_hold_the_same,
+                          get_world_size, init_distributed, launch_environment)
 from .errors import InvalidArgument
 from .options import (ConfigError, apply_override, build_argument_parser, dump_yaml, parse_training_argv,
                       prepare_options)
@@ -66,6 +67,9 @@ def parse_training_options(argv: Sequence[str], root_path: str) -> Tuple[dict, A
 
 
 def _prepared(opt: dict, args, root_path: str) -> Tuple[dict, Any]:
+    found = launch_environment(LAUNCHERS[args.launcher]) if LAUNCHERS[args.launcher] else None
+    if found is not None and 'train' in (opt.get('datasets') or {}):
+        check_shots_cover_ranks(opt['datasets']['train'], found.world_size)  # on every rank, before the rendezvous
     rank, world_size = join_launch(opt, args.launcher)
     opt = prepare_options(opt, args, root_path, rank=rank, world_size=world_size)
     check_training_options(opt)
@@ -144,6 +148,17 @@ def check_training_options(opt: dict) -> None:
     fit_batch_to_shots(opt['datasets']['train'], opt.get('world_size', 1))
 
 
+def check_shots_cover_ranks(dataset: dict, world_size: int) -> int:
+    """A few-shot train set's images (shots x enlarge ratio); a :class:`ConfigError` when fewer than the ranks."""
+    if dataset.get('type') != 'FewShotNRDataset' or dataset.get('num_shots') is None:
+        return 0
+    total = int(dataset['num_shots']) * int(dataset.get('dataset_enlarge_ratio', 1))
+    if total < world_size:
+        raise ConfigError(f'datasets.train: {total} training images (num_shots x dataset_enlarge_ratio) cannot be '
+                          f'shared by {world_size} processes: use at most {total} processes')
+    return total
+
+
 def fit_batch_to_shots(dataset: dict, world_size: int = 1) -> None:
     """Lower a few-shot train set's ``batch_size_per_gpu`` to its shots per process (x enlarge ratio).
 
@@ -153,10 +168,7 @@ def fit_batch_to_shots(dataset: dict, world_size: int = 1) -> None:
     """
     if dataset.get('type') != 'FewShotNRDataset' or dataset.get('num_shots') is None:
         return
-    total = int(dataset['num_shots']) * int(dataset.get('dataset_enlarge_ratio', 1))
-    if total < world_size:
-        raise ConfigError(f'datasets.train: {total} training images (num_shots x dataset_enlarge_ratio) cannot be '
-                          f'shared by {world_size} processes: use at most {total} processes')
+    total = check_shots_cover_ranks(dataset, world_size)
     available = total // world_size
     batch = dataset.get('batch_size_per_gpu')
     if batch is not None and batch > available:
@@ -409,12 +421,11 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
 
 
 def _check_ranks_agree(model) -> None:
-    """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise)."""
-    checksum = float(sum(t.detach().double().sum().item() for t in model.synchronised_tensors()))
-    checksums = all_gather_objects(checksum)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f'the ranks ended training with different weights (checksums {checksums})')
-    get_root_logger().info(f'weights identical on all {len(checksums)} ranks (checksum {checksum:.6f})')
+    """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise):
+    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank."""
+    compared = check_ranks_hold_the_same(model.synchronised_state())
+    get_root_logger().info(f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by '
+                           'sha256)')
 
 
 @dataclass

@@ -1,5 +1,11 @@
-"""Shared helpers for the tests: tiny backbones, bundled photos, checkpoints written on the fly."""
-from typing import Dict
+"""Shared helpers for the tests: tiny backbones, bundled photos, checkpoints written on the fly, and the one way
+tests launch commands (environment, torchrun, timeouts)."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,8 +74,6 @@ def reference_score(model, images: torch.Tensor) -> torch.Tensor:
 def training_options(config_path, workdir, **train_overrides) -> Dict:
     """A smoke YAML as pyiqa's option parser would leave it, with data under ``workdir`` and experiments in
     ``workdir/unit`` (for building models directly, without ``train_pipeline``)."""
-    import os
-
     import yaml
     from pyiqa.utils.options import make_paths
 
@@ -115,3 +119,97 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(('127.0.0.1', 0))
         return probe.getsockname()[1]
+
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """The environment of every command a test launches: offline, one thread, unbuffered output, and this
+    working tree first on the import path (so the tree under test runs, installed or not)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONUNBUFFERED='1')
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
+    env.update(extra)
+    return env
+
+
+def grmp_command(*args: str) -> List[str]:
+    """``python -m pyiqa_grmp ARGS`` (the ``pyiqa-grmp`` command) with this interpreter."""
+    return [sys.executable, '-m', 'pyiqa_grmp', *args]
+
+
+def torchrun_command(ranks: int, *args: str) -> List[str]:
+    """``torchrun --nproc_per_node RANKS -m pyiqa_grmp ARGS`` on this machine, at a free port."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', str(ranks),
+            '--master_addr', '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp', *args]
+
+
+def start_command(command: Sequence[str], cwd, **env: str) -> subprocess.Popen:
+    """Start a command in its own session (so the whole job can be signalled), stdout and stderr as one text."""
+    return subprocess.Popen(list(command), cwd=str(cwd), env=subprocess_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish_command(process: subprocess.Popen, timeout: float) -> Tuple[int, str]:
+    """(exit status, output) of a started command; the whole job is killed if it outlives ``timeout``."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, output
+
+
+def run_command(command: Sequence[str], cwd, timeout: float, **env: str) -> Tuple[int, str]:
+    """Run a command to its end: (exit status, stdout and stderr together)."""
+    return finish_command(start_command(command, cwd, **env), timeout)
+
+
+def nested_settings(settings: Dict, path: Tuple[str, ...] = ()) -> List[Tuple[Tuple[str, ...], object]]:
+    """(path of keys, value) of every setting in a nested mapping, such as a section of presets/paper.yml."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += nested_settings(value, (*path, key))
+        else:
+            found.append(((*path, key), value))
+    return found
+
+
+def settings_that_differ(options: Dict, settings: Dict) -> Dict[str, Tuple[object, object]]:
+    """Each setting of ``settings`` whose value in ``options`` (at the same path of keys) differs:
+    'a.b.c' -> (value in options, setting)."""
+    def at(path):
+        value = options
+        for key in path:
+            value = value[key]
+        return value
+
+    return {'.'.join(path): (at(path), value) for path, value in nested_settings(settings) if at(path) != value}
+
+
+def run_main(argv: Sequence[str], cwd=None) -> Tuple[int, str, str]:
+    """``pyiqa-grmp ARGV`` in this process, from ``cwd``: (exit status, stdout, stderr). An exception that escapes
+    the command is printed to stderr as its traceback with status 1, as the interpreter would."""
+    import contextlib
+    import io
+    import traceback
+
+    from pyiqa_grmp.cli import main
+
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(list(argv))
+            except SystemExit as exit_:
+                status = exit_.code
+            except Exception:  # noqa: BLE001  (what the command would have died of)
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(previous)
+    return status, out.getvalue(), err.getvalue()

@@ -224,16 +224,20 @@ def test_default_start_offline_says_where_to_put_the_weights(labelled, tmp_path,
     assert status == 2 and 'clive_50_prompt_lda_5.0.pt' in error and str(tmp_path / 'empty_cache') in error
 
 
-def test_paper_preset_has_the_paper_configs_training_settings():
-    from pathlib import Path
+def test_paper_preset_writes_the_paper_settings_of_presets_paper_yml():
+    from pyiqa_grmp.adaptation import SplitPlan, build_options
+    from pyiqa_grmp.data.labels import LabelledImages
+    from grmp_test_utils import nested_settings, settings_that_differ
+    from pyiqa_grmp.presets import paper_settings
 
-    from pyiqa_grmp.adaptation import PRESETS
+    labels = LabelledImages(images=[f'/data/{i}.png' for i in range(300)], mos=np.linspace(1, 5, 300),
+                            meta_info='/data/labels.csv', root='/data')
+    options = build_options(labels, SplitPlan(num_shots=50, num_val=20, train_ratio=0.8, seed=2024), 'paper',
+                            '/weights/start.pth', 'cpu', 2024)
 
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / 'configs' / 'finetune_livec_50shot.yml')
-                            .read_text())
-    preset = PRESETS['paper']
-    assert config['train'] == preset['train']
-    assert config['val']['val_freq'] == preset['val_freq'] and config['datasets']['train']['batch_size_per_gpu'] == 50
+    settings = paper_settings('finetune')
+    differing = settings_that_differ(options, settings)
+    assert len(nested_settings(settings)) >= 15 and not differing, differing
 
 
 @pytest.mark.parametrize('shots, batch', [(8, 8), (50, 50), (59, 29), (101, 33)])

@@ -5,7 +5,6 @@ import copy
 import os
 import re
 import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import yaml
 from pyiqa.models import build_model
 
-from grmp_test_utils import training_options
+from grmp_test_utils import run_main, training_options
 from pyiqa_grmp.adaptation import SplitPlan, build_options, read_override, set_option
 from pyiqa_grmp.checkpointing import ResumeError, load_state
 from pyiqa_grmp.data.labels import LabelledImages
@@ -37,29 +36,11 @@ def billion_laughs(levels: int = 9) -> str:
     return '\n'.join(lines) + '\n'
 
 
-class TrainCommands:
-    """``python -m pyiqa_grmp train ARGV`` runs, single-threaded and offline, each in its own folder, started
-    together (each pays the import of pyiqa; they wait on nothing of each other)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.running = root, {}
-
-    def start(self, label: str, *argv: str) -> Path:
-        workdir = self.root / label
-        workdir.mkdir(exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-        self.running[label] = subprocess.Popen([sys.executable, '-m', 'pyiqa_grmp', 'train', *argv], cwd=workdir,
-                                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        return workdir
-
-    def result(self, label: str) -> subprocess.CompletedProcess:
-        process = self.running[label]
-        try:
-            out, err = process.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+def run_train(workdir: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``pyiqa-grmp train ARGV`` from ``workdir``, in this process (a refusal happens before anything is built, so
+    no process of its own is needed): its exit status and what it printed."""
+    status, out, err = run_main(['train', *argv], workdir)
+    return subprocess.CompletedProcess(['pyiqa-grmp', 'train', *argv], status, out, err)
 
 
 def billion_laughs_config(folder: Path) -> Path:
@@ -79,19 +60,18 @@ def escaping_config(folder: Path) -> Path:
 
 @pytest.fixture(scope='module')
 def commands(tmp_path_factory):
-    """The four refused commands, started at once; ``commands[label]`` is (workdir, completed process)."""
+    """The four refused commands; ``commands[label]`` is (workdir, completed command)."""
     root = tmp_path_factory.mktemp('commands')
-    runner = TrainCommands(root)
-    folders = {label: root / label for label in ('bomb', 'name')}
+    folders = {label: root / label for label in ('bomb', 'typo', 'type', 'name')}
     for folder in folders.values():
         folder.mkdir()
-    workdirs = {
-        'bomb': runner.start('bomb', '-opt', str(billion_laughs_config(folders['bomb']))),
-        'typo': runner.start('typo', '-opt', str(FINETUNE), '--force_yml', 'train:optim:lrr=5'),
-        'type': runner.start('type', '-opt', str(FINETUNE), '--force_yml', 'train:total_epoch=abc'),
-        'name': runner.start('name', '-opt', str(escaping_config(folders['name']))),
+    argv = {
+        'bomb': ['-opt', str(billion_laughs_config(folders['bomb']))],
+        'typo': ['-opt', str(FINETUNE), '--force_yml', 'train:optim:lrr=5'],
+        'type': ['-opt', str(FINETUNE), '--force_yml', 'train:total_epoch=abc'],
+        'name': ['-opt', str(escaping_config(folders['name']))],
     }
-    return {label: (workdirs[label], runner.result(label)) for label in workdirs}
+    return {label: (folders[label], run_train(folders[label], *args)) for label, args in argv.items()}
 
 
 def _refused_quickly(path: Path) -> str:

@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -10,19 +9,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from grmp_test_utils import free_port, photo, tiny_grmp_cli_options
+from grmp_test_utils import (REPO_ROOT, free_port, grmp_command, photo, subprocess_env, tiny_grmp_cli_options,
+                             torchrun_command)
 from pyiqa_grmp import distributed
 from pyiqa_grmp.cli import main
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT = 300
 NUM_IMAGES = 40
-
-
-def _subprocess_env():
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
-    return env
 
 
 def test_shard_is_disjoint_complete_and_balanced():
@@ -85,9 +78,17 @@ def _collectives_in_one_rank(rank, port, results):
     context = distributed.init_distributed('torchrun', device='cpu')
     try:
         distributed.barrier()
+        same = {'a': torch.arange(6.0), 'mask': torch.full((2, 2), float('-inf'))}
+        drifted = {**same, 'b': torch.tensor([1.0, 2.0 + rank * 1e-6])}
+        try:
+            distributed.check_ranks_hold_the_same(drifted)
+            drift_error = None
+        except RuntimeError as error:
+            drift_error = str(error)
         results[rank] = (context, distributed.broadcast_object(f'from {rank}'),
                          distributed.all_gather_objects({'rank': rank}), distributed.gather_objects(rank * 10),
-                         distributed.is_main_process(), distributed.get_rank(), distributed.get_world_size())
+                         distributed.is_main_process(), distributed.get_rank(), distributed.get_world_size(),
+                         distributed.check_ranks_hold_the_same(same), drift_error)
     finally:
         distributed.destroy()
 
@@ -105,11 +106,35 @@ def test_collectives_across_two_gloo_processes():
                 pytest.fail('the two ranks did not finish in time')
         results = dict(results)
     for rank in (0, 1):
-        context, broadcast, gathered, gathered_on_zero, main, own_rank, world_size = results[rank]
+        context, broadcast, gathered, gathered_on_zero, main, own_rank, world_size, compared, drift = results[rank]
         assert context == distributed.DistContext(rank, 2, rank, torch.device('cpu'), 'gloo')
         assert broadcast == 'from 0' and gathered == [{'rank': 0}, {'rank': 1}] and main == (rank == 0)
         assert gathered_on_zero == ([0, 10] if rank == 0 else None)
         assert (own_rank, world_size) == (rank, 2)
+        assert compared == 2
+        assert drift == ('the ranks ended training with different weights: 1 of 3 tensors differ from rank 0: '
+                         'b on rank(s) 1')
+
+
+def test_digests_tell_bit_identical_tensors_from_any_difference():
+    base = {'w': torch.tensor([1.0, 2.0, 3.0]), 'mask': torch.tensor([0.0, float('-inf')]), 'n': torch.tensor(3)}
+    digests = distributed.tensor_digests(base)
+    assert distributed.tensor_digests({k: v.clone() for k, v in base.items()}) == digests
+    swapped = {**base, 'w': torch.tensor([2.0, 1.0, 3.0])}  # the same sum: a checksum of sums cannot see this
+    one_ulp = {**base, 'w': torch.nextafter(base['w'], torch.tensor(9.0))}
+    retyped = {**base, 'w': base['w'].double()}
+    reshaped = {**base, 'w': base['w'].reshape(3, 1)}
+    for other in (swapped, one_ulp, retyped, reshaped):
+        assert distributed.tensor_digests(other)['w'] != digests['w']
+        assert distributed.tensor_digests(other)['mask'] == digests['mask']
+
+
+def test_differing_tensors_names_each_tensor_and_the_ranks_it_differs_on():
+    same = {'a': '1', 'b': '2', 'c': '3'}
+    assert distributed.differing_tensors([same, dict(same), dict(same)]) == {}
+    gathered = [same, {**same, 'b': 'x'}, {**same, 'b': 'y', 'c': 'z'}, {'a': '1', 'b': '2'}]
+    assert distributed.differing_tensors(gathered) == {'b': [1, 2], 'c': [2, 3]}
+    assert distributed.differing_tensors([same, {**same, 'extra': '4'}]) == {'extra': [0, 1]}
 
 
 # ---------------------------------------------------------------------------------------- scoring under torchrun
@@ -147,10 +172,8 @@ def one_process_csv(collection, tiny_checkpoint, tmp_path_factory):
 
 
 def _torchrun(args, timeout=SUBPROCESS_TIMEOUT):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--nproc_per_node', '2',
-               '--master_addr', '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp', *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_subprocess_env(),
-                          cwd=REPO_ROOT)
+    return subprocess.run(torchrun_command(2, *args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd=REPO_ROOT)
 
 
 def test_two_ranks_write_the_csv_of_one_process(collection, tiny_checkpoint, one_process_csv, tmp_path):
@@ -178,8 +201,8 @@ def test_two_ranks_resume_from_the_csv_and_part_files_of_an_earlier_run(collecti
 def test_resume_after_a_killed_run_gives_the_csv_of_an_uninterrupted_run(collection, tiny_checkpoint,
                                                                          one_process_csv, tmp_path):
     out_csv = tmp_path / 'scores.csv'
-    command = [sys.executable, '-m', 'pyiqa_grmp', *_score_args(collection, out_csv, tiny_checkpoint, '--workers', '1')]
-    run = subprocess.Popen(command, env=_subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+    command = grmp_command(*_score_args(collection, out_csv, tiny_checkpoint, '--workers', '1'))
+    run = subprocess.Popen(command, env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT
     try:

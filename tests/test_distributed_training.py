@@ -3,9 +3,8 @@ process (fine-tuning: 2 ranks x batch b == 1 process x batch 2b; meta-training: 
 the protocol: the same tables), identical weights on every rank, files written by rank 0 alone, and clear errors
 for launches that cannot work."""
 import os
+import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from grmp_test_utils import free_port
+from grmp_test_utils import finish_command, free_port, grmp_command, run_main, start_command, torchrun_command
 from pyiqa_grmp.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
@@ -29,33 +28,23 @@ META_CONTRACT = ['network:backbone_pretrained=~', 'train:total_epoch=2', 'val:va
                  'datasets:train:sources=[{name: synthetic, meta_info_file: datasets/synthetic/meta_info_synthetic.csv,'
                  ' dataroot_target: datasets/synthetic, type_column: distortion, exclude_types: [pristine]}]']
 TIMEOUT = 400
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+#: The end-of-run check: every synchronised tensor compared bit for bit across the ranks.
+RANKS_AGREE = re.compile(r'weights identical on all 2 ranks \([1-9]\d* tensors compared by sha256\)')
 
 
 def _command(ranks, command, config, name, overrides, *extra):
-    launch = ([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(ranks), '--master_addr',
-               '127.0.0.1', '--master_port', str(free_port()), '-m', 'pyiqa_grmp']
-              if ranks else [sys.executable, '-m', 'pyiqa_grmp'])
-    launcher = ['--launcher', 'pytorch'] if ranks else []
-    return [*launch, command, '-opt', str(config), *launcher, *extra, '--force_yml', *overrides, f'name={name}']
+    args = [command, '-opt', str(config), *(['--launcher', 'pytorch'] if ranks else []), *extra, '--force_yml',
+            *overrides, f'name={name}']
+    return torchrun_command(ranks, *args) if ranks else grmp_command(*args)
 
 
 def _start(workdir, ranks, config, name, overrides, *extra, command='train'):
-    return subprocess.Popen(_command(ranks, command, config, name, overrides, *extra), cwd=workdir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start_command(_command(ranks, command, config, name, overrides, *extra), workdir)
 
 
 def _outcome(process):
     """(exit status, output) of a launch once it has ended; the whole job is killed if it outlives TIMEOUT."""
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    return process.returncode, output
+    return finish_command(process, TIMEOUT)
 
 
 def _run(workdir, ranks, config, name, overrides, *extra, command='train'):
@@ -93,8 +82,8 @@ def finetune_runs(synthetic_workdir):
                              ('dist_two', [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16'], ()))
     assert one[0] == 0, one[1][-3000:]
     assert two[0] == 0, two[1][-3000:]
-    return {'one': synthetic_workdir / 'experiments' / 'dist_one', 'two': synthetic_workdir / 'experiments' / 'dist_two',
-            'log_two': two[1]}
+    experiments = synthetic_workdir / 'experiments'
+    return {'one': experiments / 'dist_one', 'two': experiments / 'dist_two', 'log_two': two[1]}
 
 
 def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(finetune_runs):
@@ -104,7 +93,7 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(finetune_r
 
 
 def test_ranks_end_with_identical_weights(finetune_runs):
-    assert 'weights identical on all 2 ranks' in finetune_runs['log_two']
+    assert RANKS_AGREE.search(finetune_runs['log_two'])
 
 
 def test_only_rank_0_writes_and_the_files_are_those_of_one_process(finetune_runs):
@@ -126,7 +115,7 @@ def test_parallel_reptile_ends_with_the_theta_of_one_process(synthetic_workdir):
     difference = _max_difference(experiments / 'meta_dist_one' / 'models' / 'net_latest.pth',
                                  experiments / 'meta_dist_two' / 'models' / 'net_latest.pth')
     assert difference < 1e-5, f'theta differs by {difference}'
-    assert 'weights identical on all 2 ranks' in two[1]
+    assert RANKS_AGREE.search(two[1])
 
 
 def test_protocol_spreads_runs_over_ranks_and_writes_the_tables_of_one_process(synthetic_workdir):
@@ -141,10 +130,23 @@ def test_protocol_spreads_runs_over_ranks_and_writes_the_tables_of_one_process(s
     pd.testing.assert_frame_equal(table_one, table_two)
 
 
-def test_fewer_shots_than_ranks_is_a_clear_error(synthetic_workdir):
-    status, output = _run(synthetic_workdir, 2, FINETUNE, 'too_few', ['datasets:train:num_shots=1'])
-    assert status != 0
-    assert '1 training images (num_shots x dataset_enlarge_ratio) cannot be shared by 2 processes' in output
+def test_fewer_shots_than_ranks_is_a_clear_error_before_the_ranks_meet(synthetic_workdir, monkeypatch):
+    """What every rank of ``torchrun --nproc_per_node 2`` does first; no rank waits for the others to fail."""
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(free_port()))
+
+    def rendezvous(*args, **kwargs):
+        raise AssertionError('the ranks met before the refusal')
+
+    monkeypatch.setattr('pyiqa_grmp.train.init_distributed', rendezvous)
+    status, _, err = run_main(['train', '-opt', str(FINETUNE), '--launcher', 'pytorch', '--force_yml',
+                               'datasets:train:num_shots=1', 'name=too_few'], synthetic_workdir)
+    assert status == 2
+    assert '1 training images (num_shots x dataset_enlarge_ratio) cannot be shared by 2 processes' in err
+    assert not (synthetic_workdir / 'experiments' / 'too_few').exists()
 
 
 def test_launcher_without_torchrun_environment_fails_at_once(synthetic_workdir, capsys, monkeypatch):
@@ -163,9 +165,7 @@ def test_launcher_without_torchrun_environment_fails_at_once(synthetic_workdir, 
 def test_two_ranks_stopped_by_sigterm_resume_to_the_uninterrupted_run(finetune_runs, synthetic_workdir):
     experiment = synthetic_workdir / 'experiments' / 'dist_sigterm'
     overrides = [*FINETUNE_CONTRACT, 'datasets:train:batch_size_per_gpu=16']
-    process = subprocess.Popen(_command(2, 'train', FINETUNE, 'dist_sigterm', overrides), cwd=synthetic_workdir,
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = _start(synthetic_workdir, 2, FINETUNE, 'dist_sigterm', overrides)
     deadline = time.monotonic() + TIMEOUT
     while not (experiment / 'training_states' / '1.state').exists():
         assert process.poll() is None and time.monotonic() < deadline, 'training ended before it could be stopped'

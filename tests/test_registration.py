@@ -2,16 +2,17 @@
 import importlib
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 
 import pyiqa
 import pytest
+import torch
 from pyiqa.default_model_configs import DEFAULT_CONFIGS
 from pyiqa.utils.registry import ARCH_REGISTRY
 
 import pyiqa_grmp
+from grmp_test_utils import subprocess_env
 from pyiqa_grmp import registry
 
 
@@ -35,13 +36,41 @@ def test_arch_resolves_through_pyiqa_registry():
     assert ARCH_REGISTRY.get('GRMPIQA') is GRMPIQA
 
 
-def test_registration_twice_and_reload_do_not_raise():
+def _our_registry_entries():
+    """Per pyiqa registry, each of our names with where it is held (registered or lazy) and what it points at."""
+    from pyiqa.utils import registry as pyiqa_registry
+
+    entries = {}
+    for group, types in registry.LAZY_TYPES.items():
+        target = getattr(pyiqa_registry, f'{group.upper()}_REGISTRY')
+        for name in types:
+            held = [(kind, getattr(target, attribute)[name]) for kind, attribute in
+                    (('registered', '_obj_map'), ('lazy', '_lazy_map')) if name in getattr(target, attribute)]
+            entries[group, name] = held
+    return entries
+
+
+def test_registration_twice_and_reload_keep_one_entry_each_and_the_same_metric(tiny_checkpoint):
+    from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, photo_tensor
+
+    def score():
+        metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=tiny_checkpoint,
+                                     backbone=TINY_BACKBONE, num_visual_prompts=TINY_NUM_PROMPTS)
+        return metric(photo_tensor('astronaut', size=(224, 224)))
+
+    before_score, before_entries = score(), _our_registry_entries()
+    before_configs = {name: json.dumps(c, sort_keys=True, default=str) for name, c in DEFAULT_CONFIGS.items()}
     registry.register_all()
     registry.register_archs()
     importlib.reload(registry)
     importlib.reload(pyiqa_grmp)
     registry.register_all()
-    assert 'grmp_iqa' in pyiqa.list_models()
+    entries = _our_registry_entries()
+    assert all(len(held) == 1 for held in entries.values()), entries  # one entry per name, never two
+    assert entries == before_entries
+    assert {name: json.dumps(c, sort_keys=True, default=str) for name, c in DEFAULT_CONFIGS.items()} == before_configs
+    assert pyiqa.list_models().count('grmp_iqa') == 1
+    assert torch.equal(score(), before_score)
 
 
 def test_entry_point_is_declared_and_callable():
@@ -52,8 +81,8 @@ def test_entry_point_is_declared_and_callable():
 
 
 def _run_python(code: str) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE='1')
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=subprocess_env(),
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from grmp_test_utils import grmp_command, run_command, start_command
 from pyiqa_grmp.checkpointing import (ResumeError, atomic_torch_save, check_resume_fingerprint, find_resume_state,
                                       resume_fingerprint)
 from pyiqa_grmp.cli import main
@@ -32,22 +32,18 @@ TIMEOUT = 300
 
 
 def _command(config, name, overrides, *extra):
-    return [sys.executable, '-m', 'pyiqa_grmp.cli', 'train', '-opt', str(config), *extra,
-            '--force_yml', *overrides, f'name={name}']
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    return grmp_command('train', '-opt', str(config), *extra, '--force_yml', *overrides, f'name={name}')
 
 
 def _run(workdir, config, name, overrides, *extra):
-    return subprocess.run(_command(config, name, overrides, *extra), cwd=workdir, env=_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    """The command run to its end; stdout holds stdout and stderr together."""
+    command = _command(config, name, overrides, *extra)
+    status, output = run_command(command, workdir, TIMEOUT)
+    return subprocess.CompletedProcess(command, status, output, '')
 
 
 def _start(workdir, config, name, overrides, *extra):
-    return subprocess.Popen(_command(config, name, overrides, *extra), cwd=workdir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_command(_command(config, name, overrides, *extra), workdir)
 
 
 def _wait_for(predicate, process, limit=TIMEOUT):

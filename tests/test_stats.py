@@ -92,7 +92,7 @@ def test_paired_gain_of_a_model_against_itself_is_zero():
 
 # -------------------------------------------------------------------------------- predicting a checkpoint
 @pytest.fixture(scope='module')
-def test_split(tmp_path_factory):
+def toy_test_split(tmp_path_factory):
     """A few-shot test split of 12 small images with MOS 0..59."""
     import pandas as pd
 
@@ -122,9 +122,9 @@ def _predicted_as_before(network_opt, checkpoint, dataset_opt, batch_size):
     return dataset, predict_loader(net, loader, 'cpu')
 
 
-def test_evaluate_checkpoint_gives_the_numbers_of_before(network_opt, tiny_checkpoint, test_split):
-    _, before = _predicted_as_before(network_opt, tiny_checkpoint, test_split, 16)
-    result = evaluate_checkpoint(network_opt, tiny_checkpoint, test_split)
+def test_evaluate_checkpoint_gives_the_numbers_of_before(network_opt, tiny_checkpoint, toy_test_split):
+    _, before = _predicted_as_before(network_opt, tiny_checkpoint, toy_test_split, 16)
+    result = evaluate_checkpoint(network_opt, tiny_checkpoint, toy_test_split)
     assert result['num_test'] == len(before['mos']) == 12
     pred, mos = before['pred'].astype(float), before['mos'].astype(float)
     for name, function in SCIPY.items():  # scipy in float64: given float32 scores, its pearsonr computes in float32
@@ -132,16 +132,16 @@ def test_evaluate_checkpoint_gives_the_numbers_of_before(network_opt, tiny_check
         assert result[name] == pytest.approx(function(before['pred'], before['mos'])[0], abs=1e-6)
 
 
-def test_adapt_test_split_predictions_are_those_of_before(network_opt, tiny_checkpoint, test_split):
-    dataset, before = _predicted_as_before(network_opt, tiny_checkpoint, test_split, 32)
-    options = {'network': network_opt, 'datasets': {'val': dict(test_split, name='val', phase='val')}}
+def test_adapt_test_split_predictions_are_those_of_before(network_opt, tiny_checkpoint, toy_test_split):
+    dataset, before = _predicted_as_before(network_opt, tiny_checkpoint, toy_test_split, 32)
+    options = {'network': network_opt, 'datasets': {'val': dict(toy_test_split, name='val', phase='val')}}
     now = predict_test_split(options, tiny_checkpoint, 'cpu')
     assert np.array_equal(now['pred'], before['pred'].astype(float))
     assert np.array_equal(now['mos'], dataset.raw_mos)
     assert now['paths'].tolist() == [path for path, _ in dataset.paths_mos]
 
 
-def test_predict_checkpoint_hands_back_the_dataset_it_scored(network_opt, tiny_checkpoint, test_split):
-    dataset, result = predict_checkpoint(network_opt, tiny_checkpoint, test_split, batch_size=5)
+def test_predict_checkpoint_hands_back_the_dataset_it_scored(network_opt, tiny_checkpoint, toy_test_split):
+    dataset, result = predict_checkpoint(network_opt, tiny_checkpoint, toy_test_split, batch_size=5)
     assert isinstance(dataset, FewShotNRDataset) and len(result['pred']) == len(dataset) == 12
     assert np.allclose(result['mos'], [label for _, label in dataset.paths_mos])

@@ -5,8 +5,6 @@ Every payload is first shown to run when loaded naively (plain ``torch.load(weig
 """
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from grmp_test_utils import run_main
 from pyiqa_grmp.trusted_loading import RefusedFileError, read_split_file, trusted_loading
 
 TIMEOUT = 180
@@ -50,33 +49,17 @@ def _pickled_split(path, marker) -> str:
     return str(path)
 
 
-class _Launched:
-    """One ``python -m pyiqa_grmp`` command started in the background (output to files, so no pipe fills up)."""
+class _Ran:
+    """One ``pyiqa-grmp`` command run on its payload in this process, from ``cwd``."""
 
-    def __init__(self, args, cwd, folder, payload, marker):
+    def __init__(self, args, cwd, payload, marker):
         self.payload, self.marker = payload, marker
-        self._out, self._err = open(folder / 'stdout', 'w+'), open(folder / 'stderr', 'w+')
-        env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', OMP_NUM_THREADS='1')
-        self._process = subprocess.Popen([sys.executable, '-m', 'pyiqa_grmp', *args], cwd=str(cwd), env=env,
-                                         stdout=self._out, stderr=self._err)
+        self.status, out, err = run_main(args, cwd)
+        self.output = out + err
 
     def result(self):
-        """(exit status, standard output + error), waiting at most TIMEOUT seconds."""
-        try:
-            status = self._process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            raise
-        for handle in (self._out, self._err):
-            handle.seek(0)
-        return status, self._out.read() + self._err.read()
-
-    def stop(self):
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._out.close()
-        self._err.close()
+        """(exit status, standard output + error)."""
+        return self.status, self.output
 
 
 def _general_nr_yaml(path, split_file) -> str:
@@ -93,7 +76,7 @@ def _general_nr_yaml(path, split_file) -> str:
 
 @pytest.fixture(scope='module')
 def commands(tmp_path_factory, synthetic_workdir, tiny_checkpoint):
-    """Every entry point run on its payload, all started at once (each launch mostly imports torch and pyiqa).
+    """Every entry point run on its payload, in this process (a refusal comes before anything else happens).
 
     Each payload is first shown to run under a naive load; the commands then read it through pyiqa's loaders.
     """
@@ -137,18 +120,14 @@ def commands(tmp_path_factory, synthetic_workdir, tiny_checkpoint):
             '--shots', '24', '--num-val', '8', '--device', 'cpu',
             '--set', f'datasets:train:split_file={split_file(f)}'], root),
     }
-    launched = {}
-    try:
-        for name, (write_payload, arguments, cwd) in runs.items():
-            folder = root / name
-            folder.mkdir()
-            payload = write_payload(folder / ('evil.pth' if write_payload is _pickled_weights else 'evil.pkl'),
-                                    folder / 'marker')
-            launched[name] = _Launched(arguments(folder), cwd, folder, payload, folder / 'marker')
-        yield launched
-    finally:
-        for run in launched.values():
-            run.stop()
+    ran = {}
+    for name, (write_payload, arguments, cwd) in runs.items():
+        folder = root / name
+        folder.mkdir()
+        payload = write_payload(folder / ('evil.pth' if write_payload is _pickled_weights else 'evil.pkl'),
+                                folder / 'marker')
+        ran[name] = _Ran(arguments(folder), cwd, payload, folder / 'marker')
+    return ran
 
 
 def _assert_refused(run, option):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -148,10 +148,9 @@ class GRMPBaseModel(GeneralIQAModel):
             net = self.get_bare_model(self.net)
             broadcast_tensors_([*net.parameters(), *net.buffers()])
 
-    def synchronised_tensors(self) -> List[torch.Tensor]:
-        """The tensors every rank must hold identically (here: the whole network)."""
-        net = self.get_bare_model(self.net)
-        return [*net.parameters(), *net.buffers()]
+    def synchronised_state(self) -> Dict[str, torch.Tensor]:
+        """The tensors every rank must hold identically, by name (here: the whole network)."""
+        return dict(self.get_bare_model(self.net).state_dict(keep_vars=True))
 
     def validation_decisions(self) -> dict:
         """What a validation decides and every rank must share: the best so far, learning rates."""

@@ -21,15 +21,17 @@ from torch import nn
 from ..archs.grmp_arch import GRMPIQA
 from ..distributed import average_gradients
 from ..gradreg import MODES, regularize_gradients
+from ..presets import paper_settings
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
-#: Trainable by default, as the official fine-tuning: the text context, the last 4 blocks of both encoders, and
-#: the final LayerNorms of both. Visual prompts stay frozen but are used (with their dropout).
-DEFAULT_TRAINABLE = {'last_blocks': 4, 'names': ['prompt_learner.ctx', 'clip.visual.ln_post', 'clip.ln_final']}
-DEFAULT_GRAD_REG = {'lam': 5.0, 'mode': 'official', 'temperature': 1.0}
-#: The official schedule: lr x0.3 after 6 evaluations (30 epochs) without a new best, not before iteration 10,
-#: stop once lr < 5e-7.
-DEFAULT_LR_PLATEAU = {'factor': 0.3, 'patience': 6, 'min_iter': 10, 'min_lr': 5e-7}
+#: Defaults from the paper (``presets/paper.yml``): trainable are the text context, the last 4 blocks of both
+#: encoders and the final LayerNorms of both (visual prompts stay frozen but are used, with their dropout); the
+#: official gradient rule at lambda 5; the official schedule: lr x0.3 after 6 evaluations (30 epochs) without a
+#: new best, not before iteration 10, stop once lr < 5e-7.
+_PAPER_TRAIN = paper_settings('finetune')['train']
+DEFAULT_TRAINABLE = _PAPER_TRAIN['trainable']
+DEFAULT_GRAD_REG = _PAPER_TRAIN['grad_reg']
+DEFAULT_LR_PLATEAU = _PAPER_TRAIN['lr_plateau']
 
 
 class SceneTeacher(nn.Module):

@@ -24,12 +24,13 @@ from ..data.labels import minmax_normalise
 from ..data.samplers import item_seed
 from ..data.transforms import random_crop_and_flip, square_resize
 from ..distributed import all_reduce_sum_
+from ..presets import paper_settings
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
 #: Parameters trained in pre-training: the text context and the visual prompts with their projection and norm.
 PROMPT_PREFIXES = ('prompt_learner.', 'visual_prompts.')
-DEFAULT_META = {'mode': 'reptile', 'outer_step': 0.01, 'support_ratio': 0.8, 'support_batch': 75,
-                'query_batch': 50, 'seed': 0}
+#: The paper's meta-training settings (``presets/paper.yml``).
+DEFAULT_META = paper_settings('meta_pretrain')['train']['meta']
 META_MODES = ('reptile', 'official')
 
 
@@ -179,10 +180,11 @@ class GRMPMetaPromptModel(GRMPBaseModel):
                 for param, value in zip(self.prompt_params, inner):
                     param.copy_(value)
 
-    def synchronised_tensors(self) -> List[torch.Tensor]:
-        """Theta and the frozen backbone; the inner prompts are each rank's own last task."""
+    def synchronised_state(self) -> Dict[str, torch.Tensor]:
+        """Theta and the frozen backbone, by name; the inner prompts are each rank's own last task."""
         net = self.get_bare_model(self.net)
-        return [*self.theta, *(p for n, p in net.named_parameters() if not n.startswith(PROMPT_PREFIXES))]
+        backbone = {n: p for n, p in net.state_dict(keep_vars=True).items() if not n.startswith(PROMPT_PREFIXES)}
+        return {**{f'theta.{n}': t for n, t in zip(self.prompt_names, self.theta)}, **backbone}
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         with self.theta_in_network():
