@@ -252,7 +252,8 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     split = {'type': 'FewShotNRDataset', 'dataroot_target': labels.root, 'meta_info_file': labels.meta_info,
              'num_shots': plan.num_shots, 'split_seed': seed, 'train_ratio': plan.train_ratio,
              'num_val': plan.num_val, 'label_norm': 'minmax_per_subset', 'lower_better': labels.lower_better,
-             'image_column': labels.columns['image'], 'score_column': labels.columns['score'], 'resize': 244}
+             'resize': 244, **{f'{role}_column': labels.columns[role] for role in ('image', 'score')
+                               if role in labels.columns}}  # the columns the labels were read from, if named
     num_gpu = {'cpu': 0, 'cuda': 1, None: 'auto'}[device]
     return {
         'name': RUN_NAME,

@@ -70,12 +70,15 @@ def report_frame(report: 'ScoreReport', with_references: bool = False) -> 'pd.Da
 
     from .scoring import errors_text
 
-    columns = {'image': list(report.images)}
+    def text(values: list) -> 'pd.Series':  # file names may hold bytes that are not UTF-8: plain Python strings
+        return pd.Series(values, dtype=object)
+
+    columns = {'image': text(list(report.images))}
     if with_references:
-        columns['reference'] = [report.refs.get(image, '') for image in report.images]
+        columns['reference'] = text([report.refs.get(image, '') for image in report.images])
     for metric in report.metrics:
         columns[metric] = [report.scores.get(image, {}).get(metric, math.nan) for image in report.images]
-    columns['error'] = [errors_text(report.failures_of(image)) for image in report.images]
+    columns['error'] = text([errors_text(report.failures_of(image)) for image in report.images])
     frame = pd.DataFrame(columns)
     frame.attrs['errors'] = list(report.errors)
     return frame

@@ -189,11 +189,11 @@ def _check_keys(keys: Sequence[str], entry: str, flag: str) -> None:
                           '(letters, digits, _, - and . only)')
 
 
-def parse_metric_options(specs: Sequence[str], flag: str = '--metric-opt') -> Dict[str, Dict[str, Any]]:
-    """``NAME:KEY=VALUE`` strings -> {NAME: {KEY: VALUE}}: keys are plain option names (as in an override) and
-    values safe YAML (numbers, booleans, null, lists, dicts), bounded as a config."""
+def parse_metric_options(specs: Optional[Sequence[str]], flag: str = '--metric-opt') -> Dict[str, Dict[str, Any]]:
+    """``NAME:KEY=VALUE`` strings (None: none) -> {NAME: {KEY: VALUE}}: keys are plain option names (as in an
+    override) and values safe YAML (numbers, booleans, null, lists, dicts), bounded as a config."""
     options: Dict[str, Dict[str, Any]] = {}
-    for spec in specs:
+    for spec in specs or ():
         name, sep, assignment = spec.partition(':')
         key, eq, value = assignment.partition('=')
         key = key.strip()

@@ -141,7 +141,7 @@ def test_fewer_shots_than_ranks_is_a_clear_error_before_the_ranks_meet(synthetic
     def rendezvous(*args, **kwargs):
         raise AssertionError('the ranks met before the refusal')
 
-    monkeypatch.setattr('pyiqa_grmp.train.init_distributed', rendezvous)
+    monkeypatch.setattr('pyiqa_grmp.training.init_distributed', rendezvous)
     status, _, err = run_main(['train', '-opt', str(FINETUNE), '--launcher', 'pytorch', '--force_yml',
                                'datasets:train:num_shots=1', 'name=too_few'], synthetic_workdir)
     assert status == 2

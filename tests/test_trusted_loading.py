@@ -65,6 +65,7 @@ class _Ran:
 def _general_nr_yaml(path, split_file) -> str:
     """The smoke fine-tuning YAML with a pyiqa GeneralNRDataset (reading ``split_file``) as its train set."""
     opt = yaml.safe_load(open(SMOKE_CONFIG).read())
+    opt['name'] = f'refused_{path.parent.name}'  # one experiment folder per run: no archiving of another's
     opt['datasets']['train'] = {'name': 'synthetic', 'type': 'GeneralNRDataset', 'split_file': split_file,
                                 'dataroot_target': 'datasets/synthetic',
                                 'meta_info_file': 'datasets/synthetic/meta_info_synthetic.csv',

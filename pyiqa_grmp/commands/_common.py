@@ -59,8 +59,7 @@ def add_device_argument(parser: argparse.ArgumentParser, function: Callable) -> 
 def add_metric_options_argument(parser: argparse.ArgumentParser, example: str = '') -> None:
     """``--metric-opt NAME:KEY=VALUE`` (repeatable), into ``args.metric_options``; see
     :func:`pyiqa_grmp.options.parse_metric_options`."""
-    parser.add_argument('--metric-opt', dest='metric_options', action='append', default=[],
-                        metavar='NAME:KEY=VALUE',
+    parser.add_argument('--metric-opt', dest='metric_options', action='append', metavar='NAME:KEY=VALUE',
                         help='an option of one metric (a keyword of pyiqa.create_metric), the value parsed as YAML'
                              + (f', e.g. {example}' if example else '') + ' (repeatable)')
 
