@@ -35,7 +35,8 @@ from .errors import InvalidArgument
 from .metrics_log import METRICS_FILE, read_metrics
 from .options import check_option_values
 from .presets import paper_settings
-from .reporting import CURVES_FILE, copy_atomically, plot_curves, scatter_before_after, write_atomically
+from .checkpointing import write_atomically
+from .reporting import CURVES_FILE, copy_atomically, plot_curves, scatter_before_after
 from .stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
 
 #: Fewest held-out test images for correlations worth reporting, and fewest carve-out images to choose on.

@@ -1,7 +1,8 @@
 """Files that survive a kill, and training states that resume the same run.
 
-* :func:`atomic_write` writes to a temporary file in the target's folder, flushes, fsyncs and renames it over the
-  target (then fsyncs the folder), so a reader finds either the old file or the complete new one. Temporary
+* :func:`atomic_write` (and :func:`write_atomically`, for bytes or text: the one writer of whole files) writes to
+  a temporary file in the target's folder, flushes, fsyncs and renames it over the target (then fsyncs the
+  folder), so a reader finds either the old file or the complete new one. Temporary
   names start with ``.`` and end with ``.tmp``, so they are never taken for ``*.state`` or ``*.pth`` files.
   The file gets the permissions ``open(path, 'w')`` gives: those of the regular file it replaces, else 0666
   minus the umask (or the folder's default ACL); a symbolic link at the path is replaced, never written through.
@@ -19,7 +20,7 @@ import random
 import secrets
 import stat
 import warnings
-from typing import Any, Callable, Dict, IO, List, Optional, Tuple
+from typing import Any, Callable, Dict, IO, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,10 +99,11 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a text file atomically (UTF-8; bytes of file names that are not UTF-8 as ``\\xhh``)."""
-    data = escape_undecodable(text).encode('utf-8')
-    atomic_write(path, lambda handle: handle.write(data))
+def write_atomically(path: str, data: Union[bytes, str]) -> None:
+    """Write ``data`` with :func:`atomic_write`: a reader sees the old file or the complete new one, never a part.
+    Text is written as UTF-8, the bytes of file names that are not UTF-8 as ``\\xhh``."""
+    payload = escape_undecodable(data).encode('utf-8') if isinstance(data, str) else data
+    atomic_write(path, lambda handle: handle.write(payload))
 
 
 # ---------------------------------------------------------------------------------------------- generators

@@ -28,7 +28,8 @@ from .data.fewshot_dataset import few_shot_split
 from .data.labels import LabelledImages, label_source, read_labels
 from .errors import InvalidArgument
 from .precision import add_precision_option
-from .reporting import save_figure_atomically, write_atomically
+from .checkpointing import write_atomically
+from .reporting import save_figure_atomically
 from .scoring import (Failure, ScoreReport, check_metric_requests, create_metrics, default_workers, encode_path,
                       metric_device, score_paths)
 from .stats import correlation_values, logistic_4, logistic_plcc

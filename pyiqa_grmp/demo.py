@@ -128,7 +128,7 @@ def run_demo(metrics: Sequence[str] = DEMO_METRICS, metric_options: Optional[Map
     A metric that cannot run is a note (its weights are missing) or a problem (anything else) of the result, never
     an exception; bad arguments raise ValueError.
     """
-    from .reporting import write_atomically
+    from .checkpointing import write_atomically
 
     metric_options = dict(metric_options or {})
     unknown = sorted(set(metric_options) - set(metrics))

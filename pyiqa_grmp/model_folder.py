@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 import torch
 
 from .archs.checkpoint import CheckpointMismatchError, GRMPCheckpoint, read_grmp_checkpoint
-from .checkpointing import atomic_write, atomic_write_text
+from .checkpointing import atomic_write, write_atomically
 from .pretrained import WEIGHT_VARIANTS
 
 if TYPE_CHECKING:
@@ -276,8 +276,8 @@ def write_model_folder(out_dir: str, model: 'GRMPIQA', *, half: bool = False, ba
     config = build_config(model, half=half, base=base, labels=labels)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda handle: handle.write(data))
-    atomic_write_text(os.path.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2) + '\n')
-    atomic_write_text(os.path.join(out_dir, CARD_FILE), model_card(out_dir, config, summary))
+    write_atomically(os.path.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2) + '\n')
+    write_atomically(os.path.join(out_dir, CARD_FILE), model_card(out_dir, config, summary))
     return out_dir
 
 

@@ -5,12 +5,12 @@ written atomically.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .checkpointing import atomic_write
-from .data.image_io import escape_undecodable, open_regular_file
+from .checkpointing import write_atomically
+from .data.image_io import open_regular_file
 from .metrics_log import METRICS_FILE, read_metrics
 from .stats import correlation_values
 
@@ -18,15 +18,6 @@ CURVES_FILE = 'curves.png'
 
 
 # ------------------------------------------------------------------------------------------- atomic files
-def write_atomically(path: str, data: Union[bytes, str]) -> None:
-    """Write ``data`` so that a reader sees the old file or the complete new one, never a part
-    (:func:`~pyiqa_grmp.checkpointing.atomic_write`: its permissions, a link replaced, never written through).
-
-    Text is written as UTF-8, the bytes of file names that are not UTF-8 as ``\\xhh``."""
-    payload = escape_undecodable(data).encode('utf-8') if isinstance(data, str) else data
-    atomic_write(path, lambda handle: handle.write(payload))
-
-
 def copy_atomically(source: str, target: str) -> None:
     """Copy a regular file with :func:`write_atomically` semantics."""
     with open_regular_file(source) as stream:

@@ -26,8 +26,8 @@ from pyiqa.utils import get_root_logger
 
 import pyiqa_grmp  # noqa: F401  (registers our types)
 
-from .checkpointing import (atomic_write_text, capture_rng, check_resume_fingerprint, find_resume_state, load_state,
-                            remove_stale_temporaries, restore_rng, resume_fingerprint)
+from .checkpointing import (capture_rng, check_resume_fingerprint, find_resume_state, load_state,
+                            remove_stale_temporaries, restore_rng, resume_fingerprint, write_atomically)
 from .data.samplers import ResumableSampler, SeededItems
 from .distributed import (all_gather_objects, any_rank, barrier, broadcast_object, check_ranks_hold_the_same,
                           get_world_size, init_distributed, launch_environment)
@@ -289,8 +289,8 @@ def _start_experiment(opt: dict, args, resumed: bool) -> None:
         os.makedirs(opt['path'][key], exist_ok=True)
         remove_stale_temporaries(opt['path'][key])
     header = f'# written {time.asctime()} by pyiqa-grmp train -opt {args.opt}\n# the options as run, overrides applied\n'
-    atomic_write_text(os.path.join(opt['path']['experiments_root'], os.path.basename(args.opt)),
-                      header + dump_yaml({k: v for k, v in opt.items() if k not in ('dist', 'rank', 'world_size')}))
+    write_atomically(os.path.join(opt['path']['experiments_root'], os.path.basename(args.opt)),
+                     header + dump_yaml({k: v for k, v in opt.items() if k not in ('dist', 'rank', 'world_size')}))
 
 
 def _tb_logger(opt: dict):
@@ -554,13 +554,13 @@ def run_protocol(options: Options, overrides: Sequence[str] = (), *, runs: int =
         return result
     out_dir = out_dir or os.path.join(root_path, 'experiments', f'{base_opt["name"]}_protocol')
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, 'protocol.csv'),
-                      pd.concat([table, summary], ignore_index=True).to_csv(index=False))
+    write_atomically(os.path.join(out_dir, 'protocol.csv'),
+                     pd.concat([table, summary], ignore_index=True).to_csv(index=False))
     lines = [f'# {base_opt["name"]}: {runs} runs, {SELECTIONS[select]}', '',
              '| run | split_seed | test images | SRCC | PLCC |', '|---|---|---|---|---|']
     lines += [f'| {r["run"]} | {r["split_seed"]} | {r["num_test"]} | {r["srcc"]:.4f} | {r["plcc"]:.4f} |' for r in rows]
     for _, s in summary.iterrows():
         lines.append(f'| **{s["run"]}** | | | {s["srcc"]:.4f} | {s["plcc"]:.4f} |')
-    atomic_write_text(os.path.join(out_dir, 'protocol.md'), '\n'.join(lines) + '\n')
+    write_atomically(os.path.join(out_dir, 'protocol.md'), '\n'.join(lines) + '\n')
     result.out_dir = out_dir
     return result

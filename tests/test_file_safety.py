@@ -18,7 +18,8 @@ from pyiqa_grmp.checkpointing import atomic_torch_save, atomic_write, remove_sta
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.comparison import compare
 from pyiqa_grmp.data.image_io import ImageReadError, NotARegularFileError, decode_image, open_regular_file
-from pyiqa_grmp.reporting import copy_atomically, write_atomically
+from pyiqa_grmp.checkpointing import write_atomically
+from pyiqa_grmp.reporting import copy_atomically
 from pyiqa_grmp.scoring import Failure, decode_path, encode_path, score_images
 
 CAFE = os.fsdecode(b'caf\xe9.png')  # a Latin-1 name: not UTF-8

@@ -9,7 +9,8 @@ from PIL import Image
 from scipy import stats
 
 from pyiqa_grmp.metrics_log import MetricsLog, read_metrics
-from pyiqa_grmp.reporting import plot_curves, write_atomically
+from pyiqa_grmp.checkpointing import write_atomically
+from pyiqa_grmp.reporting import plot_curves
 from pyiqa_grmp.stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_intervals, correlation_values
 from pyiqa_grmp.training import train
 
