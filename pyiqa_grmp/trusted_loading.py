@@ -189,12 +189,14 @@ def _trusted_cache_dirs() -> List[str]:
 
 def _is_torchscript(f: Any) -> bool:
     """Whether ``f`` (a path or a seekable binary file, left where it was) is a TorchScript archive."""
+    from .archs.pickled_module import names_torchscript
+
     position = f.tell() if hasattr(f, 'tell') else None
     try:
         if not zipfile.is_zipfile(f):
             return False
         with zipfile.ZipFile(f) as archive:
-            return any(name.endswith('constants.pkl') for name in archive.namelist())
+            return names_torchscript(archive.namelist())
     finally:
         if position is not None:
             f.seek(position)

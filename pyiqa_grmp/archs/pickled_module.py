@@ -33,7 +33,7 @@ import reprlib
 import types
 import zipfile
 from collections import OrderedDict
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -439,6 +439,11 @@ _CONSTRUCTORS = frozenset({'collections.OrderedDict', 'collections.Counter', 'bu
 _STACK_OPS = frozenset({'MARK', 'DUP', 'GET', 'BINGET', 'LONG_BINGET', 'PUT', 'BINPUT', 'LONG_BINPUT', 'MEMOIZE'})
 
 
+def names_torchscript(names: Iterable[str]) -> bool:
+    """Whether the entry names of a zip archive are those of a TorchScript archive (it holds ``constants.pkl``)."""
+    return any(name.rpartition('/')[2] == 'constants.pkl' for name in names)
+
+
 def check_torch_archive(handle: IO[bytes]) -> None:
     """Refuse anything but the archive ``torch.save`` writes, judged by content before torch reads it.
 
@@ -465,7 +470,7 @@ def check_torch_archive(handle: IO[bytes]) -> None:
                     sum(entry.file_size for entry in entries) > size:
                 raise UnsafePickleError('the archive holds compressed, encrypted or oversized entries, which '
                                         'torch.save never writes')
-            if any(name.rpartition('/')[2] == 'constants.pkl' for name in names):
+            if names_torchscript(names):
                 raise TorchScriptArchiveError('a TorchScript archive, which is never loaded (it would be handed '
                                               'to torch.jit)')
             scan_pickle(archive.read(f'{next(iter(folders))}/data.pkl'))
