@@ -240,3 +240,15 @@ def test_resume_without_csv_is_a_usage_error(mixed_folder, capsys):
     with pytest.raises(SystemExit) as stop:
         main(['score', 'entropy', '-t', str(mixed_folder), '--resume'])
     assert stop.value.code == 2 and '--resume needs --csv' in capsys.readouterr().err
+
+
+def test_encoded_images_score_as_their_files_and_a_broken_one_is_reported_by_key(mixed_folder, tiny_metric):
+    paths = _readable(mixed_folder)[:3]
+    encoded = [scoring.EncodedImage(f'shard.tar:{i}', open(p, 'rb').read()) for i, p in enumerate(paths)]
+    encoded.append(scoring.EncodedImage('shard.tar:broken', b'\xff\xd8 not really a jpeg'))
+    metrics = {'grmp_iqa': tiny_metric}
+    from_files = [r for chunk in score_stream(paths, metrics, batch_size=4) for r in chunk]
+    from_bytes = [r for chunk in score_stream(encoded, metrics, batch_size=4, workers=1) for r in chunk]
+    assert [r.path for r in from_bytes] == [e.key for e in encoded]
+    assert [r.scores for r in from_bytes[:3]] == [r.scores for r in from_files]
+    assert from_bytes[3].scores == {} and 'shard.tar:broken' in from_bytes[3].errors[0].reason

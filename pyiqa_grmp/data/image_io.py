@@ -7,6 +7,7 @@ Only regular files (or links to them) are ever opened: a FIFO, socket or device 
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -105,7 +106,25 @@ def decode_image(path: str, shared: bool = False) -> torch.Tensor:
     that is not regular, or has more than :data:`MAX_IMAGE_PIXELS` pixels, is an :class:`ImageReadError`.
     """
     try:
-        with open_regular_file(path) as stream, Image.open(stream) as image:
+        with open_regular_file(path) as stream:
+            return _decode_stream(stream, path, shared)
+    except NotARegularFileError as error:
+        raise ImageReadError(f'cannot read image {printable(path)}: not a regular file but a '
+                             f'{error.kind}') from error
+    except OSError as error:
+        raise ImageReadError(f'cannot read image {printable(path)}: {type(error).__name__}: {error}') from error
+
+
+def decode_image_bytes(data: bytes, name: str, shared: bool = False) -> torch.Tensor:
+    """Decode an encoded image held in memory (a tar member, a parquet cell) as :func:`decode_image` decodes a
+    file; ``name`` names it in errors (e.g. ``shard.tar:key.jpg``)."""
+    return _decode_stream(io.BytesIO(data), name, shared)
+
+
+def _decode_stream(stream: BinaryIO, name: str, shared: bool) -> torch.Tensor:
+    """The image in ``stream`` (see :func:`decode_image`); every failure is an :class:`ImageReadError` naming it."""
+    try:
+        with Image.open(stream) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(
                     f'image size ({image.width * image.height} pixels, {image.width}x{image.height}) exceeds the '
@@ -121,17 +140,14 @@ def decode_image(path: str, shared: bool = False) -> torch.Tensor:
             else:
                 rgb = image if image.mode == 'RGB' else image.convert('RGB')
                 return _rgb_tensor(rgb.tobytes(), rgb.height, rgb.width, shared)
-    except NotARegularFileError as error:
-        raise ImageReadError(f'cannot read image {printable(path)}: not a regular file but a '
-                             f'{error.kind}') from error
     except Image.UnidentifiedImageError as error:  # Pillow names the open stream, not the path
-        raise ImageReadError(f'cannot read image {printable(path)}: UnidentifiedImageError: cannot identify image '
-                             f"file '{printable(path)}'") from error
+        raise ImageReadError(f'cannot read image {printable(name)}: UnidentifiedImageError: cannot identify image '
+                             f"file '{printable(name)}'") from error
     except Exception as error:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
-        raise ImageReadError(f'cannot read image {printable(path)}: {type(error).__name__}: {error}') from error
+        raise ImageReadError(f'cannot read image {printable(name)}: {type(error).__name__}: {error}') from error
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     if not torch.isfinite(tensor).all():
-        raise ImageReadError(f'image {printable(path)} contains NaN or Inf values')
+        raise ImageReadError(f'image {printable(name)} contains NaN or Inf values')
     return tensor.clamp_(0.0, 1.0)
 
 

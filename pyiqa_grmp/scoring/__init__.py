@@ -5,7 +5,7 @@ One module per job: :mod:`.collect` (what is scored: folders, lists, references,
 :mod:`.results` (typed failures, reports, the score CSV, resume), :mod:`.merge` (the ranks' rows put back
 together) and :mod:`.run` (:func:`score_images`, the whole collection).
 """
-from .collect import ImageFile, ImageSource, collect_targets, decode_path, encode_path, read_image_list
+from .collect import EncodedImage, ImageFile, ImageSource, collect_targets, decode_path, encode_path, read_image_list
 from .metrics import (MetricRequestError, MissingWeightsError, build_metrics, check_metric_requests,
                       create_metrics)
 from .pipeline import (FIXED_RESIZE_ATTRIBUTE, DecodedImages, DecodedItem, declared_resize,
@@ -14,7 +14,7 @@ from .pipeline import (FIXED_RESIZE_ATTRIBUTE, DecodedImages, DecodedItem, decla
 from .results import Failure, ImageResult, ScoreReport, csv_header, errors_text, read_rows, write_csv
 from .run import score_images
 
-__all__ = ['FIXED_RESIZE_ATTRIBUTE', 'DecodedImages', 'DecodedItem', 'Failure', 'ImageFile', 'ImageResult',
+__all__ = ['FIXED_RESIZE_ATTRIBUTE', 'DecodedImages', 'DecodedItem', 'EncodedImage', 'Failure', 'ImageFile', 'ImageResult',
            'ImageSource', 'MetricRequestError', 'MissingWeightsError', 'ScoreReport', 'build_metrics',
            'check_metric_requests', 'collect_targets', 'create_metrics', 'csv_header', 'declared_resize',
            'decode_path', 'default_workers', 'encode_path', 'errors_text', 'finish_item', 'metric_device',

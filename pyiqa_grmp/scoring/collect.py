@@ -25,7 +25,7 @@ from typing import Dict, List, Protocol, Tuple, Union
 
 import torch
 
-from ..data.image_io import decode_image, list_images, open_regular_file, printable
+from ..data.image_io import decode_image, decode_image_bytes, list_images, open_regular_file, printable
 
 #: A ``-t`` file with this extension lists image paths, one per line.
 IMAGE_LIST_EXTENSIONS = ('.txt',)
@@ -56,6 +56,17 @@ class ImageFile:
 
     def decode(self, shared: bool = False) -> torch.Tensor:
         return decode_image(self.path, shared)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded image held in memory (a tar member, a parquet cell, a Ray batch row); ``key`` names it."""
+
+    key: str
+    data: bytes
+
+    def decode(self, shared: bool = False) -> torch.Tensor:
+        return decode_image_bytes(self.data, self.key, shared)
 
 
 def as_source(image: Union[str, ImageSource]) -> ImageSource:
