@@ -300,3 +300,35 @@ def check_ranks_hold_the_same(tensors: Mapping[str, torch.Tensor], what: str = '
         raise RuntimeError(f'the ranks ended training with different {what}: {len(differing)} of {len(tensors)} '
                            f'tensors differ from rank 0: {shown}{more}')
     return len(tensors)
+
+
+# ------------------------------------------------------------------------------------ tasks without a group
+def task_slot(environ: Optional[Mapping[str, str]] = None) -> tuple:
+    """(number of tasks, this task's index) a scheduler gives a process that works alone, e.g. on its shards.
+
+    Inside a Slurm array (``SLURM_ARRAY_TASK_ID`` - ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), each
+    array task is one slot, split again over the processes it runs: torchrun's ``RANK`` of ``WORLD_SIZE`` when set,
+    else Slurm's ``SLURM_PROCID`` of ``SLURM_NTASKS``; so (A array tasks x P processes) give A*P slots, slot
+    ``array index * P + process index``. Without an array, the processes alone (torchrun's variables win over
+    Slurm's, as in :func:`launch_environment`); without any, (1, 0).
+    """
+    environ = os.environ if environ is None else environ
+    found = launch_environment(None, environ)
+    inner = (found.world_size, found.rank) if found else (1, 0)
+    if 'SLURM_ARRAY_TASK_ID' in environ and 'SLURM_ARRAY_TASK_COUNT' in environ:
+        count = _int_variable(environ, 'SLURM_ARRAY_TASK_COUNT')
+        index = _int_variable(environ, 'SLURM_ARRAY_TASK_ID') - (
+            _int_variable(environ, 'SLURM_ARRAY_TASK_MIN') if 'SLURM_ARRAY_TASK_MIN' in environ else 0)
+        if not 0 <= index < count:
+            raise ValueError(f'SLURM_ARRAY_TASK_ID gives task {index} of {count}: give a contiguous array, e.g. '
+                             f'--array=0-{count - 1}, or the shard options')
+        return count * inner[0], index * inner[0] + inner[1]
+    return inner
+
+
+def process_device(device: Optional[str] = None) -> torch.device:
+    """The device of a process that works alone under a launcher: ``cuda:LOCAL_RANK`` for 'cuda' (default when
+    available), else ``device``; no process group is joined."""
+    found = launch_environment(None)
+    return _pick_device(device, found.local_rank if found else 0, distributed=found is not None and
+                        found.world_size > 1)
