@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pyiqa
 import pytest
+import torch
 from PIL import Image
 
 import pyiqa_grmp
@@ -267,3 +268,16 @@ def test_task_slot_comes_from_a_slurm_array_split_over_its_ranks():
                                   'SLURM_ARRAY_TASK_COUNT': '10'}) == (10, 4)
     assert distributed.task_slot({'SLURM_ARRAY_TASK_ID': '3', 'SLURM_ARRAY_TASK_COUNT': '10', 'RANK': '1',
                                   'WORLD_SIZE': '8'}) == (80, 25)
+
+
+def test_under_torchrun_each_rank_scores_its_shards_alone(images, tmp_path, monkeypatch):
+    folder, _ = images
+    for rank in (1, 0):  # the launcher's variables, as torchrun sets them for each rank
+        monkeypatch.setenv('RANK', str(rank))
+        monkeypatch.setenv('WORLD_SIZE', '2')
+        monkeypatch.setenv('LOCAL_RANK', str(rank))
+        frame = pyiqa_grmp.score(folder, 'entropy', out=tmp_path / 'out', shard_size=2, workers=0, progress=False,
+                                 device='cpu')
+        assert list(frame['shard']) == (['part-00001'] if rank else ['part-00000', 'part-00002'])
+        assert not torch.distributed.is_initialized()  # no process group: no rank waits for another
+    assert len(pyiqa_grmp.merge(tmp_path / 'out')) == len(SIZES)

@@ -116,9 +116,11 @@ def check_same_run(current: Mapping, completed: Mapping[str, Mapping], out_dir: 
 
 # ------------------------------------------------------------------------------------------------- listing
 def shard_source(shard: Shard) -> dict:
-    """What identifies a shard's input: its file, or for a part of a folder its image count and their sha256."""
+    """What identifies a shard's input: its file's name and size (not its folder, which machines may mount
+    elsewhere), or for a part of a folder its image count and the sha256 of their paths."""
     if shard.kind != 'files':
-        return {'kind': shard.kind, 'path': encode_path(os.path.abspath(shard.path))}
+        return {'kind': shard.kind, 'file': encode_path(os.path.basename(shard.path)),
+                'bytes': os.path.getsize(shard.path)}
     digest = hashlib.sha256('\n'.join(encode_path(p) for p in shard.images).encode('utf-8')).hexdigest()
     return {'kind': 'files', 'images': len(shard.images), 'sha256': digest}
 

@@ -387,9 +387,9 @@ def _image_column(schema, path: str, image_column: Optional[str]) -> Tuple[str, 
     structs = [name for name in columns if kind(name) is not None and kind(name)[1] is not None]
     if len(structs) == 1:
         return structs[0], 'bytes'
-    raise ValueError(f'parquet file {printable(path)} has no image column (a binary column named '
-                     f'{", ".join(IMAGE_COLUMN_NAMES)}, or an Image struct {{bytes, path}}); its columns are '
-                     f'{", ".join(columns)}: name the column of image bytes with image_column')
+    raise InvalidArgument('image_column', f'is needed: parquet file {printable(path)} has no image column (a binary '
+                                          f'column named {", ".join(IMAGE_COLUMN_NAMES)}, or an Image struct '
+                                          f'{{bytes, path}}); its columns are {", ".join(columns)}')
 
 
 def _read_parquet(path: str, image_column: Optional[str], key_column: Optional[str],
