@@ -281,3 +281,13 @@ def test_under_torchrun_each_rank_scores_its_shards_alone(images, tmp_path, monk
         assert list(frame['shard']) == (['part-00001'] if rank else ['part-00000', 'part-00002'])
         assert not torch.distributed.is_initialized()  # no process group: no rank waits for another
     assert len(pyiqa_grmp.merge(tmp_path / 'out')) == len(SIZES)
+
+
+def test_merge_refuses_shards_of_two_runs_with_other_settings(images, tiny_metric, tmp_path):
+    folder, _ = images
+    shards_run(tiny_metric, [folder], tmp_path / 'a', shard_size=3, num_shards=2, shard_index=0)
+    shards_run(tiny_metric, [folder], tmp_path / 'b', shard_size=3, num_shards=2, shard_index=1, precision='bf16')
+    os.replace(tmp_path / 'b' / 'part-00001.parquet', tmp_path / 'a' / 'part-00001.parquet')  # as two tasks at once
+    with pytest.raises(ValueError, match=r'mixes runs: part-00000 and part-00001 differ: precision: null in '
+                                         r'part-00000, "bf16" in part-00001'):
+        pyiqa_grmp.merge(tmp_path / 'a')

@@ -24,7 +24,7 @@ from .results import (Failure, ImageResult, RowLog, ScoreReport, csv_header, csv
                       existing_part_files, part_file, read_rows)
 from .shard_output import (check_listing, check_same_run, output_path, read_output_metadata, remove_temporaries,
                            run_metadata, shard_source, write_shard_output)
-from .shards import list_shards, read_shard, size_recorded
+from .shards import list_shards, read_shard, release_row_groups, size_recorded
 
 
 def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional[str], resume: bool) -> Plan:
@@ -228,6 +228,7 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
             for chunk in score_stream(sources, metrics, batch_size, workers):
                 results.extend(chunk)
                 bar.update(len(chunk))
+        release_row_groups()
         rows = []
         for result in results:
             width, height = (int(v) for v in sizes[result.index])

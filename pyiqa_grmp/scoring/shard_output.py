@@ -91,13 +91,15 @@ def run_metadata(metric_names: Sequence[str], metric_options: Mapping[str, Mappi
         'precision': precision, 'inputs': dict(inputs)})
 
 
-def differences(found: Mapping, current: Mapping, keys: Sequence[str] = COMPARED) -> List[str]:
-    """The entries (``metrics``, ``weights.grmp_iqa``, ...) where two run metadata differ, with both values."""
+def differences(found: Mapping, current: Mapping, keys: Sequence[str] = COMPARED,
+                labels: Tuple[str, str] = ('there', 'now')) -> List[str]:
+    """The entries (``metrics``, ``weights.grmp_iqa``, ...) where two run metadata differ, with both values
+    (``VALUE there, VALUE now``: ``labels`` name the two)."""
     def walk(a: object, b: object, where: str) -> List[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [line for key in sorted(set(a) | set(b)) for line in walk(a.get(key), b.get(key),
                                                                                f'{where}.{key}')]
-        return [] if a == b else [f'{where[1:]}: {json.dumps(a)} there, {json.dumps(b)} now']
+        return [] if a == b else [f'{where[1:]}: {json.dumps(a)} {labels[0]}, {json.dumps(b)} {labels[1]}']
 
     lines = [line for key in keys for line in walk(found.get(key), current.get(key), f'.{key}')]
     metrics = [line for line in lines if line.startswith('metrics:')]
@@ -244,10 +246,10 @@ def merge_outputs(out_dir: str, allow_partial: bool = False) -> 'pd.DataFrame':
         if first is None:
             first = (name, metadata)
         else:
-            found = differences(first[1]['run'], metadata['run'])
+            found = differences(first[1]['run'], metadata['run'], labels=(f'in {first[0]}', f'in {name}'))
             if found:
-                raise ValueError(f'{printable(out_dir)} mixes runs: {printable(name)} and {printable(first[0])} '
-                                 f'differ in {"; ".join(found)}')
+                raise ValueError(f'{printable(out_dir)} mixes runs: {printable(first[0])} and {printable(name)} '
+                                 f'differ: {printable("; ".join(found))}')
         frame = pq.read_table(path).to_pandas()
         frame['key'] = [decode_path(k) for k in frame['key']]
         frame.insert(0, 'shard', name)

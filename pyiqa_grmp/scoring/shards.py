@@ -357,6 +357,11 @@ class ParquetCell:
         return decode_image_bytes(self.read(), f'{self.path}:{self.key}', shared)
 
 
+def release_row_groups() -> None:
+    """Drop the row group this process holds (after a shard read with ``workers=0``, in the main process)."""
+    _ROW_GROUP_CACHE.clear()
+
+
 def _image_column(schema, path: str, image_column: Optional[str]) -> Tuple[str, Optional[str]]:
     """(column, struct field or None) of the image bytes in a parquet ``schema``."""
     import pyarrow as pa
