@@ -26,6 +26,7 @@ the main process never holds a shard's image bytes.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -117,11 +118,11 @@ def list_shards(targets: Sequence[str], shard_size: int) -> List[Shard]:
         raise InvalidArgument('shard_size', f'must be an integer >= 1, got {shard_size!r}')
     shards: List[Shard] = []
     images: List[str] = []
+    parts = itertools.count()
 
     def cut_images() -> None:
         for start in range(0, len(images), shard_size):
-            number = sum(1 for s in shards if s.kind == 'files')
-            shards.append(Shard(f'part-{number:05d}', 'files', '', tuple(images[start:start + shard_size])))
+            shards.append(Shard(f'part-{next(parts):05d}', 'files', '', tuple(images[start:start + shard_size])))
         images.clear()
 
     for path in expand_targets(targets):
