@@ -64,7 +64,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
                  batch_size: int = 8, progress: bool = True,
                  metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
                  csv_path: Optional[str] = None, resume: bool = False,
-                 metrics: Optional[Dict[str, object]] = None) -> ScoreReport:
+                 metrics: Optional[Dict[str, object]] = None, decode: str = 'cpu') -> ScoreReport:
     """Score every image of ``target`` (folder, ``.txt`` list or file) with every metric; failures are recorded,
     never raised or skipped.
 
@@ -74,7 +74,8 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     (atomically); ``resume`` keeps the rows already there (and in part files) and scores only the missing images.
     In a process group (torchrun) the images are split over the ranks; rank 0 gets the report of every image
     and writes the CSV, the other ranks get a report of their share only. ``metrics`` (created metrics by name,
-    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone.
+    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone. ``decode``:
+    where JPEGs are decoded, 'cpu', 'gpu' or 'auto' (:func:`~pyiqa_grmp.scoring.pipeline.decode_mode`).
     """
     metric_names = list(metric_names)
     metric_options = metric_options or {}
@@ -111,7 +112,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
                 log.append([csv_row(image, '', {}, metric_names, [Failure(None, image, reason), *creation_errors])
                             for image, reason in plan.pairing_errors.items() if image not in plan.kept])
             stream = score_stream([p for _, p, _ in mine], metrics, batch_size, workers,
-                                  [r for _, _, r in mine] if ref else None, [i for i, _, _ in mine])
+                                  [r for _, _, r in mine] if ref else None, [i for i, _, _ in mine], decode=decode)
             for chunk in stream:
                 if log is not None:
                     log.append([csv_row(r.path, plan.refs.get(r.path, ''), r.scores, metric_names,
