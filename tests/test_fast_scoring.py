@@ -252,3 +252,17 @@ def test_batches_are_pinned_and_land_on_the_gpu(kinds):
     paths = [kinds['baseline.jpg'], kinds['photo.png']]
     [batch] = pipeline.batched_items(paths, [SquareResize(244)], workers=1, batch_size=2, device=torch.device('cuda'))
     assert batch.pixels[0].device.type == 'cuda' and batch.pixels[0].shape == (2, 3, 244, 244)
+
+
+def test_parts_collated_by_many_workers_join_into_full_batches_of_the_same_scores(kinds, tiny_metric):
+    paths = sorted(kinds.values()) * 2
+    metrics = {'grmp_iqa': tiny_metric}
+    resizes = [scoring.declared_resize(tiny_metric)]
+    parted = list(pipeline.batched_items(paths, resizes, workers=2, batch_size=8))  # parts of 5 from each worker
+    assert [len(b.items) for b in parted] == [8, 8, 2] and [i.path for b in parted for i in b.items] == paths
+    whole = list(pipeline.batched_items(paths, resizes, workers=0, batch_size=8))
+    for joined, direct in zip(parted, whole):
+        assert torch.equal(joined.pixels[0], direct.pixels[0])
+        assert [i.views for i in joined.items] == [i.views for i in direct.items]
+        scores = [r.scores for r in pipeline._score_chunk(joined, metrics, {'grmp_iqa': 0})]
+        assert scores == [r.scores for r in pipeline._score_chunk(direct, metrics, {'grmp_iqa': 0})]

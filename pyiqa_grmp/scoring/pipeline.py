@@ -307,19 +307,71 @@ def batched_items(paths: Sequence[Union[str, ImageSource]], resizes: Sequence[Re
     """The images of ``paths`` in batches of ``batch_size``, in order, resized by ``resizes`` in the workers and
     collated there (:func:`collate_batch`); each batch's views on ``device`` (default: where they are).
 
-    With ``gpu_jpegs`` the JPEGs nvJPEG takes are decoded and resized on ``device`` (:func:`decode_on_gpu`;
-    ``decoder`` replaces nvJPEG, e.g. torchvision's CPU decoder in tests).
+    A worker collates a part of a batch when there are too few batches to keep every worker busy; the parts are
+    joined here, so batches hold ``batch_size`` images whatever the number of workers. With ``gpu_jpegs`` the
+    JPEGs nvJPEG takes are decoded and resized on ``device`` (:func:`decode_on_gpu`; ``decoder`` replaces nvJPEG,
+    e.g. torchvision's CPU decoder in tests).
     """
     dataset = DecodedImages(paths, None, resizes, keep_native=False, first_index=indices, gpu_jpegs=gpu_jpegs)
     pin = device is not None and device.type == 'cuda'
-    for batch in decoding_loader(dataset, workers, pin_memory=pin, in_flight=batch_size, batch_size=batch_size):
+    part = max(1, min(batch_size, math.ceil(len(dataset) / (2 * workers)))) if workers else batch_size
+
+    def finished(batch: DecodedBatch) -> DecodedBatch:
         if gpu_jpegs:
-            yield decode_on_gpu(batch, resizes, device or torch.device('cpu'), decoder)
-        elif device is not None:
-            yield DecodedBatch(batch.items, [None if p is None else p.to(device, non_blocking=True)
-                                             for p in batch.pixels])
-        else:
-            yield batch
+            return decode_on_gpu(batch, resizes, device or torch.device('cpu'), decoder)
+        if device is not None:
+            return DecodedBatch(batch.items, [None if p is None else p.to(device, non_blocking=True)
+                                              for p in batch.pixels])
+        return batch
+
+    loader = decoding_loader(dataset, workers, pin_memory=pin, in_flight=batch_size, batch_size=part)
+    yield from _rechunked((finished(batch) for batch in loader), batch_size)
+
+
+def _rechunked(batches: Iterator[DecodedBatch], size: int) -> Iterator[DecodedBatch]:
+    """``batches`` joined and split into batches of ``size`` items, in order (the last may hold fewer)."""
+    pending: List[DecodedBatch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch.items)
+        while count >= size:
+            head, tail = _split(_joined(pending), size)
+            yield head
+            pending, count = ([tail], len(tail.items)) if tail.items else ([], 0)
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(batches: List[DecodedBatch]) -> DecodedBatch:
+    if len(batches) == 1:
+        return batches[0]
+    items = [item for batch in batches for item in batch.items]
+    pixels = []
+    for view in range(len(batches[0].pixels)):
+        offset, parts = 0, []
+        for batch in batches:
+            for item in batch.items:
+                if len(item.views) > view and isinstance(item.views[view], int):
+                    item.views[view] += offset
+            if batch.pixels[view] is not None:
+                parts.append(batch.pixels[view])
+                offset += len(batch.pixels[view])
+        pixels.append(torch.cat(parts) if parts else None)
+    return DecodedBatch(items, pixels)
+
+
+def _split(batch: DecodedBatch, size: int) -> Tuple[DecodedBatch, DecodedBatch]:
+    head, tail = batch.items[:size], batch.items[size:]
+    head_pixels, tail_pixels = [], []
+    for view, stacked in enumerate(batch.pixels):
+        rows = sum(1 for item in head if len(item.views) > view and isinstance(item.views[view], int))
+        for item in tail:
+            if len(item.views) > view and isinstance(item.views[view], int):
+                item.views[view] -= rows
+        head_pixels.append(None if stacked is None or rows == 0 else stacked[:rows])
+        tail_pixels.append(None if stacked is None or rows == len(stacked) else stacked[rows:])
+    return DecodedBatch(head, head_pixels), DecodedBatch(tail, tail_pixels)
 
 
 def prepared_items(paths: Sequence[Union[str, ImageSource]], resizes: Sequence[Resize], keep_native: bool,
