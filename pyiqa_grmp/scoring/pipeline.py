@@ -348,15 +348,16 @@ def _joined(batches: List[DecodedBatch]) -> DecodedBatch:
         return batches[0]
     items = [item for batch in batches for item in batch.items]
     pixels = []
-    for view in range(len(batches[0].pixels)):
+    for view in range(max(len(batch.pixels) for batch in batches)):  # none in a part of unreadable images only
         offset, parts = 0, []
         for batch in batches:
             for item in batch.items:
                 if len(item.views) > view and isinstance(item.views[view], int):
                     item.views[view] += offset
-            if batch.pixels[view] is not None:
-                parts.append(batch.pixels[view])
-                offset += len(batch.pixels[view])
+            stacked = batch.pixels[view] if view < len(batch.pixels) else None
+            if stacked is not None:
+                parts.append(stacked)
+                offset += len(stacked)
         pixels.append(torch.cat(parts) if parts else None)
     return DecodedBatch(items, pixels)
 
