@@ -1,7 +1,6 @@
 """Scoring at the hardware's pace: the exact resize from the taps alone, batches collated in the workers, GPU JPEG
 decoding (its file triage, orientation and assembly, exercised with torchvision's CPU decoder), bf16 detection.
 The tests marked gpu run the real nvJPEG path (skipped without CUDA)."""
-import io
 import warnings
 
 import numpy as np
