@@ -134,7 +134,9 @@ class DecodedImages(torch.utils.data.Dataset):
         source = self.sources[position]
         item = DecodedItem(self.indices[position], source.key)
         try:
-            shared = torch.utils.data.get_worker_info() is not None  # passed to the main process: no extra copy
+            # decoded straight into shared memory when it is passed to the main process as it is: no extra copy
+            passed = self.keep_native or not self.finish_in_worker
+            shared = passed and torch.utils.data.get_worker_info() is not None
             data = encoded_bytes(source, MAX_ENCODED_BYTES) if self.gpu_jpegs else None
             if data is not None:
                 plan = gpu_plan(data)
