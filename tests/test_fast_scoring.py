@@ -247,7 +247,7 @@ def test_nvjpeg_decodes_grey_progressive_and_rotated_jpegs_like_pillow(kinds):
 
 
 @pytest.mark.gpu
-def test_batches_are_pinned_and_land_on_the_gpu(kinds):
+def test_batches_land_on_the_gpu_as_one_tensor(kinds):
     paths = [kinds['baseline.jpg'], kinds['photo.png']]
     [batch] = pipeline.batched_items(paths, [SquareResize(244)], workers=1, batch_size=2, device=torch.device('cuda'))
     assert batch.pixels[0].device.type == 'cuda' and batch.pixels[0].shape == (2, 3, 244, 244)
