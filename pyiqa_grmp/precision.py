@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import warnings
 from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -81,12 +82,16 @@ def add_precision_option(metric_names: Sequence[str], options: Mapping[str, Mapp
     ``metric_names``; the others keep their own precision.
 
     Raises ValueError when the precision cannot run on the device (``device`` None: CUDA when available, as
-    pyiqa chooses).
+    pyiqa chooses); warns when bf16 would run emulated, slower than fp32 (a CPU without :func:`cpu_has_bf16`).
     """
     if precision is None:
         return {name: dict(values) for name, values in options.items()}
     check_precision(precision)
-    check_precision_device(precision, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device_type = torch.device(device).type if device else ('cuda' if torch.cuda.is_available() else 'cpu')
+    check_precision_device(precision, device_type)
+    if precision == 'bf16' and device_type == 'cpu' and not cpu_has_bf16():
+        warnings.warn('precision bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16, AMX or Arm '
+                      'BF16), so bf16 runs emulated and slower than fp32', stacklevel=3)
     return with_precision(options, grmp_metric_names(metric_names, pyiqa_name), precision)
 
 

@@ -265,3 +265,10 @@ def test_parts_collated_by_many_workers_join_into_full_batches_of_the_same_score
         assert [i.views for i in joined.items] == [i.views for i in direct.items]
         scores = [r.scores for r in pipeline._score_chunk(joined, metrics, {'grmp_iqa': 0})]
         assert scores == [r.scores for r in pipeline._score_chunk(direct, metrics, {'grmp_iqa': 0})]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_is_slower(monkeypatch):
+    monkeypatch.setattr(precision, 'cpu_has_bf16', lambda: False)
+    with pytest.warns(UserWarning, match='runs emulated and slower than fp32'):
+        options = precision.add_precision_option(['grmp_iqa'], {}, 'bf16', 'cpu')
+    assert options == {'grmp_iqa': {'precision': 'bf16'}}
