@@ -27,8 +27,9 @@ def square_resize(images: torch.Tensor, size: int, antialias: bool = False) -> t
 class SquareResize:
     """:func:`square_resize` to ``size`` as a picklable value: GRMP-IQA's declared fixed input resize.
 
-    Scoring runs it in data-loading workers (see :data:`pyiqa_grmp.scoring.FIXED_RESIZE_ATTRIBUTE`), so it
-    must be, and is, the very call :meth:`pyiqa_grmp.archs.grmp_arch.GRMPIQA.preprocess` makes.
+    Scoring runs it ahead of the model (see :data:`pyiqa_grmp.scoring.FIXED_RESIZE_ATTRIBUTE`), so the call
+    must be, and is, the very one :meth:`pyiqa_grmp.archs.grmp_arch.GRMPIQA.preprocess` makes; data-loading
+    workers run :meth:`resize_decoded`, the same computation within 1e-6.
     """
 
     size: int
@@ -91,8 +92,7 @@ def squash_bicubic(image: torch.Tensor, size: int) -> torch.Tensor:
     ``F.interpolate`` of ``unit_float(image)`` to within a few float32 roundings (same taps and weights, summed
     along the width, then the height, as PyTorch does), reading only what the taps touch: the rows they name (at
     most 4 * size) and in those the 4 * size columns, tap-major, so that both passes are weighted sums of contiguous
-    blocks; only those are made float. A 6 MP photo costs a few
-    milliseconds instead of a float copy of it all.
+    blocks; only those are made float, never a float copy of the whole image.
     """
     from .image_io import unit_float
 
