@@ -61,12 +61,12 @@ if [ "$dry_run" = 1 ]; then
     budget=${GPU_CHECK_BUDGET_S:-240}
     vision='{image_size: 224, layers: 2, width: 64, head_width: 32, patch_size: 16}'
     backbone="{embed_dim: 32, vision_cfg: $vision, text_cfg: {context_length: 77, width: 32, heads: 2, layers: 2}}"
-    precisions="fp32 bf16" tp_images=8 tp_workers="0 2" tp_pyiqa=4 tp_baseline=8
+    precisions="fp32 bf16" tp_images=8 tp_workers="0 2" tp_pyiqa=4 tp_baseline=8 tp_per_image=4
 else
     mode="GPU (CUDA, ViT-B/16 random weights)" device=cuda batch=64 runs=10 warmup=2 threads=8 ft_batch=16 task=20
     images=512 size=384 budget=${GPU_CHECK_BUDGET_S:-540}
     backbone=ViT-B-16-quickgelu
-    precisions="fp32 bf16 fp16" tp_images=1000 tp_workers="0 16" tp_pyiqa=50 tp_baseline=300
+    precisions="fp32 bf16 fp16" tp_images=1000 tp_workers="16" tp_pyiqa=50 tp_baseline=300 tp_per_image=30
 fi
 bench=(--device "$device" --backbone "$backbone" --threads "$threads")
 
@@ -77,7 +77,7 @@ log="$work/gpu_check.log"
 : >"$log"
 trap 'rm -rf "$work"' EXIT
 
-cell() { tr '\n|' ' /' <<<"$1" | cut -c1-300; }
+cell() { tr '\n|' ' /' <<<"$1" | cut -c1-700; }
 
 step() {  # step NAME SECONDS COMMAND... : run COMMAND under min(SECONDS, budget left) and add its row
     local name=$1 limit=$2
@@ -162,8 +162,11 @@ step "score end to end" 120 "$PYTHON" benchmarks/score_folder.py "${bench[@]}" -
 # scoring.py and image_io.py of that commit (git show 607a155:pyiqa_grmp/scoring.py, .../data/image_io.py)
 baseline=()
 if [ -d .gpucheck/607a155 ]; then baseline=(--baseline-dir .gpucheck/607a155); fi
-step "score throughput (mixed-size JPEGs)" 200 "$PYTHON" benchmarks/score_throughput.py "${bench[@]}" \
+# on CUDA its rows include the exact path, bf16, GPU decoding and --fast end to end, GPU decode alone, and the
+# deviation of each from the exact path's scores (its "result:" lines fill the table row)
+step "score throughput (mixed-size JPEGs)" 240 "$PYTHON" benchmarks/score_throughput.py "${bench[@]}" \
     --images "$tp_images" --workers $tp_workers --batch "$batch" --runs 1 --warmup 1 --pyiqa-images "$tp_pyiqa" \
+    --per-image "$tp_per_image" \
     --baseline-images "$tp_baseline" --folder "${TMPDIR:-/tmp}/gpu_check_throughput" "${baseline[@]}"
 step "distributed benchmark, 1 rank" 90 "$PYTHON" benchmarks/distributed.py "${bench[@]}" --ranks 1 --runs 3 \
     --batch "$ft_batch"

@@ -29,7 +29,8 @@ def score(targets: Targets, metrics: Union[str, Sequence[str]], *, ref: Optional
           csv_path: Optional[str] = None, resume: bool = False, progress: bool = True, out: Optional[str] = None,
           num_shards: Optional[int] = None, shard_index: Optional[int] = None, shard_size: int = DEFAULT_SHARD_SIZE,
           image_column: Optional[str] = None, key_column: Optional[str] = None,
-          keep_columns: Sequence[str] = ()) -> 'pd.DataFrame':
+          keep_columns: Sequence[str] = (), decode: Optional[str] = None,
+          fast: bool = False) -> 'pd.DataFrame':
     """Score every image of ``targets`` with every metric; one row per image.
 
     ``targets``: an image file, a folder (scanned recursively, rows sorted by path) or a ``.txt`` file listing
@@ -45,6 +46,12 @@ def score(targets: Targets, metrics: Union[str, Sequence[str]], *, ref: Optional
     this process shared by the ranks of its machine, at most 16, as the command line).
     ``csv_path``: rows are also written there as batches finish, and the file rewritten in image order at the end;
     ``resume`` keeps the rows already there and scores only the missing images. ``progress``: a bar on stderr.
+    ``decode``: 'cpu' (default: Pillow in the workers, exact), 'gpu' (JPEGs decoded by nvJPEG on the metrics' CUDA
+    device, others on the CPU; scores close to, not equal to, the exact ones; needs metrics that declare a fixed
+    resize, such as grmp_iqa) or 'auto' (the GPU where it can be). ``fast``: the fastest configuration whose
+    scores stay within the measured deviation: bf16 where the device has it (CUDA; CPUs with AVX-512 BF16, AMX
+    or Arm BF16; elsewhere fp32, with a warning saying so) and ``decode='auto'``; an explicit ``precision`` or
+    ``decode`` wins.
 
     ``out``: a folder that gets one parquet file per shard (folders and lists are cut into parts of
     ``shard_size`` images), written atomically with the run's metadata (:mod:`pyiqa_grmp.scoring.shard_output`);
@@ -80,6 +87,7 @@ def score(targets: Targets, metrics: Union[str, Sequence[str]], *, ref: Optional
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise InvalidArgument('workers', f'must be an integer >= 0, got {workers!r}')
+    precision, decode = _fast_settings(fast, precision, decode, device)
     options = add_precision_option(names, dict(metric_options or {}), precision, device)
     paths = [os.fspath(t) for t in ([targets] if isinstance(targets, (str, os.PathLike)) else targets)]
     if not paths:
@@ -93,18 +101,19 @@ def score(targets: Targets, metrics: Union[str, Sequence[str]], *, ref: Optional
             if value:
                 raise InvalidArgument(name, f'does not go with shards or out: {why}' if name != 'csv_path' else why)
         return _score_shards(names, paths, out, device, batch_size, workers, options, precision, progress,
-                             num_shards, shard_index, shard_size, image_column, key_column, list(keep_columns))
+                             num_shards, shard_index, shard_size, image_column, key_column, list(keep_columns),
+                             decode)
     if num_shards is not None or shard_index is not None:
         raise InvalidArgument('num_shards' if num_shards is not None else 'shard_index', 'needs out')
     context = distributed.init_distributed(None, device=device)  # joins a torchrun launch, else one process
     report = score_images(names, paths[0], ref, str(context.device), batch_size,
                           progress=progress and context.is_main, metric_options=options, workers=workers,
-                          csv_path=csv_path, resume=resume)
+                          csv_path=csv_path, resume=resume, decode=decode)
     return report_frame(report, with_references=ref is not None)
 
 
 def _score_shards(names, targets, out, device, batch_size, workers, options, precision, progress, num_shards,
-                  shard_index, shard_size, image_column, key_column, keep_columns) -> 'pd.DataFrame':
+                  shard_index, shard_size, image_column, key_column, keep_columns, decode) -> 'pd.DataFrame':
     """:func:`score` of shards (see there): into ``out``, or a temporary folder then merged."""
     import tempfile
 
@@ -121,7 +130,7 @@ def _score_shards(names, targets, out, device, batch_size, workers, options, pre
     settings = dict(device=str(distributed.process_device(device)), batch_size=batch_size, progress=progress,
                     metric_options=options, workers=workers, num_shards=num_shards, shard_index=shard_index,
                     shard_size=shard_size, image_column=image_column, key_column=key_column,
-                    keep_columns=keep_columns, precision=precision)
+                    keep_columns=keep_columns, precision=precision, decode=decode)
     if out is None:
         with tempfile.TemporaryDirectory() as folder:
             run = score_to_shards(names, targets, folder, **settings)
@@ -144,6 +153,31 @@ def merge(out_dir: Union[str, 'os.PathLike[str]'], *, allow_partial: bool = Fals
     from .scoring import merge_outputs
 
     return merge_outputs(os.fspath(out_dir), allow_partial=allow_partial)
+
+
+def _fast_settings(fast: bool, precision: Optional[str], decode: Optional[str], device: Optional[str]
+                   ) -> 'tuple[Optional[str], str]':
+    """``precision`` and ``decode`` of :func:`score` after ``fast``; ``decode='gpu'`` off CUDA is refused here."""
+    import warnings
+
+    import torch
+
+    from .precision import fast_precision
+    from .scoring.pipeline import DECODE_MODES
+
+    if decode is not None and decode not in DECODE_MODES:
+        raise InvalidArgument('decode', f'must be one of {", ".join(DECODE_MODES)}, got {decode!r}')
+    device_type = torch.device(device).type if device else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if decode == 'gpu' and device_type != 'cuda':
+        raise InvalidArgument('decode', f"'gpu' needs a CUDA device; this run scores on {device_type}"
+                                        + ('' if torch.cuda.is_available() else ' (no CUDA device is available)'))
+    if not fast:
+        return precision, decode or 'cpu'
+    if precision is None:
+        precision, note = fast_precision(device_type)
+        if note:
+            warnings.warn(note, stacklevel=3)
+    return precision, decode or 'auto'
 
 
 def report_frame(report: 'ScoreReport', with_references: bool = False) -> 'pd.DataFrame':

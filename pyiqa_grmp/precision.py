@@ -5,11 +5,17 @@ fp32 is exact. bf16 and fp16 run the image and text towers under ``torch.autocas
 only, since fp16 matrix products on CPU are slow and not what the official fp16 GPU test measured); the
 cached prompt keys/values and text features are kept in that dtype, and the score itself (cosine logits,
 softmax) is computed in fp32.
+
+bf16 runs on any CPU, but is faster than fp32 only on CPUs with bf16 matrix instructions (:func:`cpu_has_bf16`:
+x86 AVX-512 BF16 or AMX, e.g. Intel Xeon from Cooper Lake / Sapphire Rapids on and AMD Zen 4 on; Arm BF16, e.g.
+AWS Graviton 3); elsewhere it emulates them and is slower. :func:`fast_precision` picks what ``fast=True`` uses.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence
+import platform
+import warnings
+from typing import Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,10 +82,42 @@ def add_precision_option(metric_names: Sequence[str], options: Mapping[str, Mapp
     ``metric_names``; the others keep their own precision.
 
     Raises ValueError when the precision cannot run on the device (``device`` None: CUDA when available, as
-    pyiqa chooses).
+    pyiqa chooses); warns when bf16 would run emulated, slower than fp32 (a CPU without :func:`cpu_has_bf16`).
     """
     if precision is None:
         return {name: dict(values) for name, values in options.items()}
     check_precision(precision)
-    check_precision_device(precision, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device_type = torch.device(device).type if device else ('cuda' if torch.cuda.is_available() else 'cpu')
+    check_precision_device(precision, device_type)
+    if precision == 'bf16' and device_type == 'cpu' and not cpu_has_bf16():
+        warnings.warn('precision bf16 on this CPU: it has no bf16 matrix instructions (AVX-512 BF16, AMX or Arm '
+                      'BF16), so bf16 runs emulated and slower than fp32', stacklevel=3)
     return with_precision(options, grmp_metric_names(metric_names, pyiqa_name), precision)
+
+
+def cpu_has_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
+    """Whether this CPU has bf16 matrix instructions, where bf16 scoring beats fp32: what torch reports (AVX-512
+    BF16, AMX tiles) on x86, else the ``avx512_bf16``, ``amx_bf16`` (x86) or ``bf16`` (Arm) flag of ``cpuinfo``."""
+    probes = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    if platform.machine().lower() in ('x86_64', 'amd64') and all(probe is not None for probe in probes):
+        return any(probe() for probe in probes)
+    try:
+        with open(cpuinfo) as handle:
+            flags = {flag for line in handle if line.lower().startswith(('flags', 'features'))
+                     for flag in line.split(':', 1)[-1].split()}
+    except OSError:
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
+def fast_precision(device_type: str) -> Tuple[str, Optional[str]]:
+    """The precision of ``fast=True`` on ``device_type`` and, when it stays fp32, why (for a note to the user):
+    bf16 on CUDA devices that support it and on CPUs with bf16 instructions, fp32 elsewhere."""
+    if device_type == 'cuda':
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return 'bf16', None
+        return 'fp32', 'this GPU does not support bf16: fast scoring keeps fp32'
+    if device_type == 'cpu' and cpu_has_bf16():
+        return 'bf16', None
+    return 'fp32', (f'this {device_type} has no bf16 matrix instructions (AVX-512 BF16, AMX or Arm BF16), where bf16 '
+                    'would be slower than fp32: fast scoring keeps fp32')

@@ -171,8 +171,8 @@ def test_a_partial_shard_is_redone_and_a_completed_one_skipped(images, tiny_metr
     (out / '.part-00001.parquet.0123456789abcdef.tmp').write_bytes(b'PAR1 half a file')
     scored = []
     original = scoring.run.score_stream
-    monkeypatch.setattr(scoring.run, 'score_stream', lambda sources, *rest: (
-        scored.extend(s.key for s in sources), original(sources, *rest))[1])
+    monkeypatch.setattr(scoring.run, 'score_stream', lambda sources, *rest, **options: (
+        scored.extend(s.key for s in sources), original(sources, *rest, **options))[1])
     run = shards_run(tiny_metric, [folder], out, shard_size=3)
     assert [entry[:2] for entry in run.shards] == [('part-00000', 'skipped'), ('part-00001', 'scored')]
     assert scored == sorted(str(p) for p in folder.iterdir())[3:]

@@ -18,6 +18,7 @@ EXAMPLES = (
     'pyiqa-grmp score grmp_iqa -t photos/ --metric-opt grmp_iqa:pretrained_model_path=net_best.pth',
     'pyiqa-grmp score grmp_iqa -t files.txt --csv scores.csv --resume   # after a crash: only what is missing',
     'pyiqa-grmp score psnr ssim -t distorted/ -r references/            # full-reference: paired by name',
+    'pyiqa-grmp score grmp_iqa -t /photos --csv scores.csv --fast      # bf16 and GPU decoding where they pay',
     'torchrun --nproc_per_node 8 -m pyiqa_grmp score grmp_iqa -t /photos --csv scores.csv',
     "pyiqa-grmp score grmp_iqa -t 'shards/{00000..00999}.tar' --out scores/   # one parquet per shard; reruns skip",
     "pyiqa-grmp score grmp_iqa -t data/*.parquet --image-column jpg --keep-columns url caption --out scores/",
@@ -66,6 +67,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help='parquet column naming the rows (default: key, else the row index)')
     shards.add_argument('--keep-columns', metavar='NAME', nargs='+', default=list(api_default(score, 'keep_columns')),
                         help='parquet columns copied into the output')
+    parser.add_argument('--decode', choices=('cpu', 'gpu', 'auto'), default=api_default(score, 'decode'),
+                        help='where JPEGs are decoded: cpu (default, exact), gpu (nvJPEG on the CUDA device, scores '
+                             'within the measured deviation; metrics that declare a fixed resize, e.g. grmp_iqa) or '
+                             'auto (gpu where it can be)')
+    parser.add_argument('--fast', action='store_true', default=api_default(score, 'fast'),
+                        help='the fastest configuration within the measured score deviation: --precision bf16 where '
+                             'the device has bf16 (CUDA, CPUs with AVX-512 BF16/AMX/Arm BF16; else fp32, with a note) '
+                             'and --decode auto; explicit --precision / --decode win')
     parser.add_argument('-v', '--verbose', action='store_true', help='print the score of every image')
     return parser
 
@@ -84,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                       workers=args.workers, metric_options=parse_metric_options(args.metric_options),
                       precision=args.precision, csv_path=args.csv_path, resume=args.resume,
                       num_shards=args.num_shards, shard_index=args.shard_index, shard_size=args.shard_size,
-                      image_column=args.image_column, key_column=args.key_column, keep_columns=args.keep_columns)
+                      image_column=args.image_column, key_column=args.key_column, keep_columns=args.keep_columns,
+                      decode=args.decode, fast=args.fast)
         if 'shard' in frame.columns:  # shards without --out: the merged table, one row per image
             frame = frame.rename(columns={'key': 'image'})
         status = 0

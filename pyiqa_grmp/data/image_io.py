@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import warnings
-from typing import BinaryIO, List
+from typing import BinaryIO, List, Optional
 
 import numpy as np
 import torch
@@ -108,6 +108,23 @@ def decode_image(path: str, shared: bool = False) -> torch.Tensor:
     try:
         with open_regular_file(path) as stream:
             return _decode_stream(stream, path, shared)
+    except NotARegularFileError as error:
+        raise ImageReadError(f'cannot read image {printable(path)}: not a regular file but a '
+                             f'{error.kind}') from error
+    except OSError as error:
+        raise ImageReadError(f'cannot read image {printable(path)}: {type(error).__name__}: {error}') from error
+
+
+def read_image_bytes(path: str, limit: int) -> Optional[bytes]:
+    """The encoded bytes of image file ``path``, or None when it holds more than ``limit`` bytes (left to
+    :func:`decode_image`, which streams it); a file that is not regular or cannot be read is an
+    :class:`ImageReadError` worded as :func:`decode_image` words it."""
+    try:
+        with open_regular_file(path) as stream:
+            if os.fstat(stream.fileno()).st_size > limit:
+                return None
+            data = stream.read(limit + 1)  # a file that grew since: still bounded
+            return data if len(data) <= limit else None
     except NotARegularFileError as error:
         raise ImageReadError(f'cannot read image {printable(path)}: not a regular file but a '
                              f'{error.kind}') from error

@@ -21,11 +21,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Protocol, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 
-from ..data.image_io import decode_image, decode_image_bytes, list_images, open_regular_file, printable
+from ..data.image_io import (decode_image, decode_image_bytes, list_images, open_regular_file, printable,
+                             read_image_bytes)
 
 #: A ``-t`` file with this extension lists image paths, one per line.
 IMAGE_LIST_EXTENSIONS = ('.txt',)
@@ -35,7 +36,12 @@ ESCAPED_PATH_PREFIX = 'fsbytes:'
 
 # ----------------------------------------------------------------------------------------------- the items
 class ImageSource(Protocol):
-    """One image to score: ``key`` names it (reports, CSV rows, resume); :meth:`decode` reads its pixels."""
+    """One image to score: ``key`` names it (reports, CSV rows, resume); :meth:`decode` reads its pixels.
+
+    A source may also have ``read_bytes(limit: int) -> Optional[bytes]``: its encoded bytes, or None when there
+    are more than ``limit`` (ImageReadError when they cannot be read). GPU decoding (``decode='gpu'``) needs
+    them, and decodes a source without the method, or that returns None, on the CPU (:func:`encoded_bytes`).
+    """
 
     @property
     def key(self) -> str: ...
@@ -57,6 +63,9 @@ class ImageFile:
     def decode(self, shared: bool = False) -> torch.Tensor:
         return decode_image(self.path, shared)
 
+    def read_bytes(self, limit: int) -> Optional[bytes]:
+        return read_image_bytes(self.path, limit)
+
 
 @dataclass(frozen=True)
 class EncodedImage:
@@ -67,6 +76,15 @@ class EncodedImage:
 
     def decode(self, shared: bool = False) -> torch.Tensor:
         return decode_image_bytes(self.data, self.key, shared)
+
+    def read_bytes(self, limit: int) -> Optional[bytes]:
+        return self.data if len(self.data) <= limit else None
+
+
+def encoded_bytes(source: ImageSource, limit: int) -> Optional[bytes]:
+    """The encoded bytes of ``source`` (at most ``limit``), or None when it has no ``read_bytes`` or more bytes."""
+    read = getattr(source, 'read_bytes', None)
+    return read(limit) if read is not None else None
 
 
 def as_source(image: Union[str, ImageSource]) -> ImageSource:

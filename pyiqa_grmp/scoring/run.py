@@ -70,7 +70,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
                  batch_size: int = 8, progress: bool = True,
                  metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
                  csv_path: Optional[str] = None, resume: bool = False,
-                 metrics: Optional[Dict[str, object]] = None) -> ScoreReport:
+                 metrics: Optional[Dict[str, object]] = None, decode: str = 'cpu') -> ScoreReport:
     """Score every image of ``target`` (folder, ``.txt`` list or file) with every metric; failures are recorded,
     never raised or skipped.
 
@@ -80,7 +80,8 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     (atomically); ``resume`` keeps the rows already there (and in part files) and scores only the missing images.
     In a process group (torchrun) the images are split over the ranks; rank 0 gets the report of every image
     and writes the CSV, the other ranks get a report of their share only. ``metrics`` (created metrics by name,
-    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone.
+    ``metric_names`` in order) are used instead of creating them, e.g. to time the scoring alone. ``decode``:
+    where JPEGs are decoded, 'cpu', 'gpu' or 'auto' (:func:`~pyiqa_grmp.scoring.pipeline.decode_mode`).
     """
     metric_names = list(metric_names)
     metric_options = metric_options or {}
@@ -117,7 +118,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
                 log.append([csv_row(image, '', {}, metric_names, [Failure(None, image, reason), *creation_errors])
                             for image, reason in plan.pairing_errors.items() if image not in plan.kept])
             stream = score_stream([p for _, p, _ in mine], metrics, batch_size, workers,
-                                  [r for _, _, r in mine] if ref else None, [i for i, _, _ in mine])
+                                  [r for _, _, r in mine] if ref else None, [i for i, _, _ in mine], decode=decode)
             for chunk in stream:
                 if log is not None:
                     log.append([csv_row(r.path, plan.refs.get(r.path, ''), r.scores, metric_names,
@@ -168,7 +169,7 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
                     metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
                     num_shards: int = 1, shard_index: int = 0,
                     image_column: Optional[str] = None, key_column: Optional[str] = None,
-                    keep_columns: Sequence[str] = (), precision: Optional[str] = None,
+                    keep_columns: Sequence[str] = (), precision: Optional[str] = None, decode: str = 'cpu',
                     metrics: Optional[Dict[str, object]] = None) -> ShardRun:
     """Score the shards ``shard_index``, ``shard_index + num_shards``, ... of ``targets`` into ``out_dir``, one
     parquet file each (:mod:`.shard_output`); failures are rows and reports, never raised.
@@ -176,8 +177,8 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
     Completed shards are skipped, and partial ones (a killed run's temporary file) redone from scratch; a run
     whose metrics, options, weights, precision or input options differ from a completed shard's is refused
     before scoring, naming the difference. Nothing is shared with other processes but ``out_dir``: each task of
-    a scheduler (or rank of a launcher) runs this alone with its own ``shard_index``. ``metrics`` as in
-    :func:`score_images`.
+    a scheduler (or rank of a launcher) runs this alone with its own ``shard_index``. ``decode`` and ``metrics``
+    as in :func:`score_images` (shard members are decoded on the CPU: they offer no ``read_bytes`` yet).
     """
     metric_names = list(metric_names)
     metric_options = metric_options or {}
@@ -191,7 +192,7 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
     check_listing(out_dir, shards)
     mine = shards[shard_index::num_shards]
     inputs = {'image_column': image_column, 'key_column': key_column, 'keep_columns': list(keep_columns),
-              'shard_size': shard_size}
+              'shard_size': shard_size, 'decode': decode}
     run = ShardRun(out_dir)
     completed: Dict[str, dict] = {}
     todo = []
@@ -225,7 +226,7 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
         sources, sizes = size_recorded(contents.sources)
         results: List[ImageResult] = []
         with progress_bar(len(sources), progress, shard.name) as bar:
-            for chunk in score_stream(sources, metrics, batch_size, workers):
+            for chunk in score_stream(sources, metrics, batch_size, workers, decode=decode):
                 results.extend(chunk)
                 bar.update(len(chunk))
         release_row_groups()
