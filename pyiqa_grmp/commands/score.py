@@ -24,7 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     parser = add_command(subparsers, 'score', 'Score every image with every metric and print the mean per metric. '
                          'Unreadable files and failing metrics are reported by name, the rest is still scored, and '
-                         'the exit status is then 1.', EXAMPLES)
+                         'the exit status is then 1. Under torchrun they are rows of the one CSV too, and only rank '
+                         '0 exits 1 (the other ranks 0), so torchrun reports that one failure and exits 1 itself, '
+                         "its report's traceback line saying how many failures there were.", EXAMPLES)
     parser.add_argument('metrics', nargs='+', metavar='METRIC',
                         help='metric names, e.g. grmp_iqa piqe (see "pyiqa-grmp list")')
     parser.add_argument('-t', '--target', dest='targets', required=True, metavar='TARGET',
@@ -51,20 +53,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.csv_path:
         raise UsageError('--resume needs --csv, the file of the run to resume')
-    precision_note(args.metrics, args.precision)
+    if distributed.launch_rank() == 0:  # every rank would say the same
+        precision_note(args.metrics, args.precision)
     try:
-        frame = score(args.targets, args.metrics, ref=args.ref, device=args.device, batch_size=args.batch_size,
-                      workers=args.workers, metric_options=parse_metric_options(args.metric_options),
-                      precision=args.precision, csv_path=args.csv_path, resume=args.resume)
-        status = 0
+        with distributed.warnings_once():
+            frame = score(args.targets, args.metrics, ref=args.ref, device=args.device, batch_size=args.batch_size,
+                          workers=args.workers, metric_options=parse_metric_options(args.metric_options),
+                          precision=args.precision, csv_path=args.csv_path, resume=args.resume)
+        status, failures = 0, len(frame.attrs['errors'])
         if distributed.get_rank() == 0:
             _print(frame, args.metrics, args.verbose)
             if args.csv_path:
                 print(f'wrote {printable(args.csv_path)}')
-            if frame.attrs['errors']:
-                print(f'{len(frame.attrs["errors"])} failure(s); see the messages above', file=sys.stderr)
+            if failures:
+                print(f'{failures} failure(s); see the messages above', file=sys.stderr)
                 status = 1
-        return distributed.broadcast_object(status)
+        where = f'the errors column of {printable(args.csv_path)}' if args.csv_path else 'the FAILED lines'
+        return distributed.leave_with_status(status, f'pyiqa-grmp score: {failures} failure(s) (images or metrics '
+                                             f'that could not be scored; the others were): see {where}')
     finally:
         distributed.destroy()
 
