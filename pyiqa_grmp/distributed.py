@@ -1,4 +1,5 @@
-"""The one place for ``torch.distributed`` in pyiqa_grmp: launch, rank and device, collectives, sharding.
+"""The one place for ``torch.distributed`` in pyiqa_grmp: launch, rank and device, collectives, sharding, and
+how a job ends (warnings shown once, the exit status rank 0 alone carries, for torchrun's report).
 
 Launchers: ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and SLURM
 (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with ``MASTER_ADDR`` / ``MASTER_PORT`` exported by the job
@@ -282,11 +283,11 @@ def leave_with_status(status: int, reason: str) -> int:
     and a block per failed rank, and a restart when ``--max-restarts`` allows one), rank 0 first writes
     ``reason`` to the error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so that the block shows that line
     rather than a pointer to tracebacks, and waits (at most ``EXIT_WAIT_SECONDS``) for the other ranks of its
-    machine to end, so that the block names rank 0 alone rather than ranks torchrun had to stop.
+    machine (its process-id space) to end, so that the block names rank 0 alone, not ranks torchrun had to stop.
     """
     if get_world_size() == 1:
         return status
-    here = all_gather_objects((socket.gethostname(), os.getpid()))
+    here = all_gather_objects((_process_space(), os.getpid()))
     if get_rank() != 0:
         return 0
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
@@ -296,16 +297,26 @@ def leave_with_status(status: int, reason: str) -> int:
         # torchrun's own format (torch.distributed.elastic's ErrorHandler): the block shows 'message'
         data = {'message': {'message': reason, 'extraInfo': {'timestamp': str(int(time.time()))}}}
         write_atomically(error_file, json.dumps(data))
-        host = here[0][0]
+        space = here[0][0]
         deadline = time.monotonic() + EXIT_WAIT_SECONDS
-        for other_host, pid in here[1:]:
-            while other_host == host and _running(pid) and time.monotonic() < deadline:
+        for other_space, pid in here[1:]:
+            while other_space == space and _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
     return status
 
 
 #: How long rank 0 waits for the other ranks of its machine to end before it exits with a failure status.
 EXIT_WAIT_SECONDS = 30.0
+
+
+def _process_space() -> str:
+    """What names this process's process-id space: the kernel's boot id and the pid namespace (two processes with
+    the same space see each other's ids), else the host name."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as handle:
+            return f'{handle.read().strip()} {os.readlink("/proc/self/ns/pid")}'
+    except OSError:
+        return socket.gethostname()
 
 
 def _running(pid: int) -> bool:

@@ -40,10 +40,11 @@ class MetricScorer:
     ``{metric: {option: value}}``, keyword arguments of ``pyiqa.create_metric``. ``image_column``: the column
     holding each row's image: encoded bytes (a JPEG, PNG, ... file's bytes), a Hugging Face ``Image`` struct
     ``{'bytes': ..., 'path': ...}`` (the bytes, else the file at the path) or a file path; error texts name an
-    image by its path, else by its row in the batch (the row itself is where the text goes). ``device``: 'cpu' or 'cuda' (default: cuda when available; with ``num_gpus=1`` Ray gives each
-    actor its own GPU as cuda). ``precision``: 'fp32', 'bf16' or 'fp16' for the GRMP-IQA metrics, as in
-    :func:`pyiqa_grmp.score`. ``batch_size``: images per forward pass (default: the whole Ray batch, whose size
-    ``map_batches(batch_size=...)`` sets).
+    image by its path, else by its row in the batch (the row itself is where the text goes). ``device``: 'cpu'
+    or 'cuda' (default: cuda when available; with ``num_gpus=1`` Ray gives each actor its own GPU as cuda).
+    ``precision``: 'fp32', 'bf16' or 'fp16' for the GRMP-IQA metrics, as in :func:`pyiqa_grmp.score`.
+    ``batch_size``: images per forward pass (default: the whole Ray batch, whose size ``map_batches(batch_size=)``
+    sets).
 
     Bad names, option keys and values are raised here, in the actor's constructor, before any batch: a metric
     that cannot be created (e.g. its weights are missing) is a ValueError saying why.
@@ -61,9 +62,6 @@ class MetricScorer:
         names = [metrics] if isinstance(metrics, str) else list(metrics)
         if not names:
             raise InvalidArgument('metrics', 'must name at least one metric')
-        if ERROR_COLUMN in names or image_column in names:
-            raise InvalidArgument('metrics', f'name the columns they add: {ERROR_COLUMN!r} and the image_column '
-                                  f'{image_column!r} cannot be metric names')
         unknown = sorted(set(metric_options or {}) - set(names))
         if unknown:
             raise InvalidArgument('metric_options', f'names metrics that are not scored: {unknown}')

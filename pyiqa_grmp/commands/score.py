@@ -24,9 +24,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     parser = add_command(subparsers, 'score', 'Score every image with every metric and print the mean per metric. '
                          'Unreadable files and failing metrics are reported by name, the rest is still scored, and '
-                         'the exit status is then 1. Under torchrun they are rows of the one CSV too, and only rank '
-                         '0 exits 1 (the other ranks 0), so torchrun reports that one failure and exits 1 itself, '
-                         "its report's traceback line saying how many failures there were.", EXAMPLES)
+                         'the exit status is then 1. Under torchrun they are rows too and only rank 0 exits 1 (the '
+                         "other ranks 0): torchrun then prints its failure report for rank 0 alone, whose "
+                         "traceback line gives the number of failures, and exits 1 (README: \"Exit status under "
+                         'torchrun").', EXAMPLES)
     parser.add_argument('metrics', nargs='+', metavar='METRIC',
                         help='metric names, e.g. grmp_iqa piqe (see "pyiqa-grmp list")')
     parser.add_argument('-t', '--target', dest='targets', required=True, metavar='TARGET',
