@@ -13,7 +13,10 @@ measures:
 - today's score: ``score_paths`` + ``write_csv`` of ``pyiqa_grmp/scoring.py`` as committed before this pipeline
   with the image reading of that commit (``git show``, or ``--baseline-dir``), run on the same metric: decoding
   in the main process and batches of equal-size images only;
-- pyiqa's own loop: ``metric(path)`` per image, the way pyiqa's inference script scores a folder.
+- pyiqa's own loop: ``metric(path)`` per image, the way pyiqa's inference script scores a folder;
+- shards: ``scoring.score_to_shards`` (a parquet file per shard) on webdataset tars holding the same JPEGs
+  (``--tar-shard-size`` per tar) against the same images as files (the folder cut into parts of that size), for
+  each ``--workers`` value, with their ratio.
 
     python benchmarks/score_throughput.py [--images 200] [--workers 0 2] [--batch 8] [--threads 2] [--device cpu]
     python benchmarks/score_throughput.py --device cuda --workers 0 16 --batch 64     # on a GPU machine
@@ -25,6 +28,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 import numpy as np
@@ -70,6 +74,20 @@ def make_folder(folder: str, count: int) -> list:
     return sorted(job[0] for job in jobs)
 
 
+def make_tar_shards(folder: str, paths: list, per_shard: int) -> list:
+    """The JPEGs of ``paths`` as webdataset tars of ``per_shard`` samples (``KEY.jpg`` each) beside ``folder``."""
+    tar_folder = f'{folder.rstrip(os.sep)}_tar{per_shard}'
+    os.makedirs(tar_folder, exist_ok=True)
+    shards = []
+    for start in range(0, len(paths), per_shard):
+        shard = os.path.join(tar_folder, f'{start // per_shard:05d}.tar')
+        with tarfile.open(shard, 'w') as archive:
+            for path in paths[start:start + per_shard]:
+                archive.add(path, arcname=os.path.basename(path))
+        shards.append(shard)
+    return shards
+
+
 def _baseline_module(name: str, relative: str, baseline_dir: str):
     """The module at ``relative`` as committed at BASELINE_COMMIT (or its copy in ``baseline_dir``), as ``name``."""
     if baseline_dir:
@@ -113,6 +131,8 @@ def main() -> None:
                         help="images for pyiqa's own loop (default all; it is slow on a CPU)")
     parser.add_argument('--baseline-images', type=int, default=None,
                         help="images for today's score (default all; it decodes in one process)")
+    parser.add_argument('--tar-shard-size', type=int, default=50, help='images per webdataset tar (and per part of '
+                                                                       'the folder it is compared with)')
     parser.add_argument('--baseline-dir', help=f'a folder holding scoring.py and image_io.py of {BASELINE_COMMIT}, '
                                                'where git cannot show them (a copy of the repository without .git)')
     args = parser.parse_args()
@@ -169,6 +189,15 @@ def main() -> None:
         seconds = min(timed(today, device) for _ in range(args.runs))
         report(TODAY, len(baseline_paths), seconds)
 
+        tars = make_tar_shards(args.folder, paths, args.tar_shard_size)
+        for workers in args.workers:
+            for kind, targets in (('files', [args.folder]), ('webdataset', tars)):
+                seconds = min(timed(lambda: scoring.score_to_shards(
+                    ['grmp_iqa'], targets, tempfile.mkdtemp(dir=out), shard_size=args.tar_shard_size,
+                    device=str(device), batch_size=args.batch, progress=False, workers=workers,
+                    metrics={'grmp_iqa': metric}), device) for _ in range(args.runs))
+                report(f'shards of {kind}, workers={workers}', len(paths), seconds)
+
     subset = paths[:args.pyiqa_images] if args.pyiqa_images else paths
     with torch.no_grad():
         seconds = min(timed(lambda: [metric(path) for path in subset], device) for _ in range(args.runs))
@@ -181,6 +210,10 @@ def main() -> None:
               f"/ today's score {end_to_end / today_rate:.2f} (target >= 1.15 on a CPU, >= 10 on a GPU); "
               f"/ pyiqa's loop {end_to_end / rates[PYIQA_LOOP]:.2f}; "
               f"/ decode alone {end_to_end / rates[f'decode + resize alone, workers={workers}']:.2f}")
+        tar_rate = rates[f'shards of webdataset, workers={workers}']
+        file_rate = rates[f'shards of files, workers={workers}']
+        print(f'workers={workers}: webdataset tars / the same images as files {tar_rate / file_rate:.2f} '
+              '(target >= 1.0 on a CPU)')
 
 
 if __name__ == '__main__':

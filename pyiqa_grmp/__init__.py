@@ -4,7 +4,7 @@ Importing the package registers its types with pyiqa and does nothing else (no d
 changes); afterwards ``pyiqa.create_metric('grmp_iqa')`` works like any built-in metric.
 
 The Python API has the command line's power, names and defaults, and is loaded on first use:
-``score`` (images -> DataFrame), ``compare`` (metrics on labelled images), ``adapt`` (fine-tune on your labelled
+``score`` (images -> DataFrame, or shards -> parquet files), ``merge`` (those files -> DataFrame), ``compare`` (metrics on labelled images), ``adapt`` (fine-tune on your labelled
 images, with a report), ``train`` (from a training YAML or dict) and ``run_protocol`` (the paper's protocol).
 """
 from .gradreg import regularize_gradients
@@ -16,7 +16,7 @@ register_all()
 
 #: Public name -> the module that defines it, imported on first use.
 _LAZY = {
-    'score': 'api',
+    'score': 'api', 'merge': 'api',
     'compare': 'comparison',
     'adapt': 'adaptation', 'AdaptResult': 'adaptation',
     'train': 'training', 'TrainResult': 'training', 'TrainingInterrupted': 'training',

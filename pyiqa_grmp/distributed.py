@@ -11,6 +11,7 @@ whether they were launched in parallel; a model or a scoring loop asks this modu
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -255,6 +256,7 @@ def warnings_once() -> Iterator[None]:
             for warning in held if found.rank > 0 else []:
                 _show(warning)
             raise
+    _meet_to_end()
     if get_world_size() == 1:  # the block did not join the job: nobody to hand the warnings to
         for warning in held if found.rank > 0 else []:
             _show(warning)
@@ -275,36 +277,56 @@ def _show(warning: Tuple[str, str, str, int], ranks: str = '') -> None:
 
 
 def leave_with_status(status: int, reason: str) -> int:
-    """This process's exit status in a job whose outcome rank 0 holds: ``status``, with ``reason`` (one line)
-    saying why when it is not 0. Every rank calls it; a plain process returns ``status``.
+    """This process's exit status at the end of a job: rank 0 exits with the highest ``status`` of the ranks,
+    the others with 0. Every rank calls it with its own ``status`` and ``reason`` (one line saying why when the
+    status is not 0); a plain process returns ``status``.
 
-    The other ranks return 0: their work is done and their results are rank 0's. Rank 0 returns ``status``;
-    under torchrun, which reports any rank's nonzero exit as a failed job (``ChildFailedError``: its traceback
-    and a block per failed rank, and a restart when ``--max-restarts`` allows one), rank 0 first writes
-    ``reason`` to the error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so that the block shows that line
-    rather than a pointer to tracebacks, and waits (at most ``EXIT_WAIT_SECONDS``) for the other ranks of its
-    machine (its process-id space) to end, so that the block names rank 0 alone, not ranks torchrun had to stop.
+    The ranks' work is done and their results are written (or rank 0's), so one status says how the job went.
+    Under torchrun, which reports any rank's nonzero exit as a failed job (``ChildFailedError``: its traceback
+    and a block per failed rank, and a restart when ``--max-restarts`` allows one), rank 0 first writes the
+    reasons to the error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so that the block shows them rather
+    than a pointer to tracebacks, and waits (at most ``EXIT_WAIT_SECONDS``) for the other ranks of its machine
+    (its process-id space) to end, so that the block names rank 0 alone, not ranks torchrun had to stop. Ranks
+    that worked alone under torchrun (``score --out``) meet for this first (:func:`_meet_to_end`).
     """
+    _meet_to_end()
     if get_world_size() == 1:
         return status
-    here = all_gather_objects((_process_space(), os.getpid()))
+    ends = all_gather_objects((status, reason, _process_space(), os.getpid()))
     if get_rank() != 0:
         return 0
+    failed = [(rank, reason) for rank, (code, reason, _, _) in enumerate(ends) if code != 0]
+    status = max(code for code, _, _, _ in ends)
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
-    if status != 0 and error_file:
+    if failed and error_file:
         from .checkpointing import write_atomically
 
+        text = failed[0][1] if len(failed) == 1 else '; '.join(f'rank {rank}: {reason}' for rank, reason in failed)
         # torchrun's own format (torch.distributed.elastic's ErrorHandler): the block shows 'message'
-        data = {'message': {'message': reason, 'extraInfo': {'timestamp': str(int(time.time()))}}}
+        data = {'message': {'message': text, 'extraInfo': {'timestamp': str(int(time.time()))}}}
         write_atomically(error_file, json.dumps(data))
-        space = here[0][0]
+        space = ends[0][2]
         deadline = time.monotonic() + EXIT_WAIT_SECONDS
-        for other_space, pid in here[1:]:
+        for _, _, other_space, pid in ends[1:]:
             while other_space == space and _running(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
     return status
 
 
+def _meet_to_end() -> None:
+    """Join the ranks of a torchrun job (gloo, for a few small objects) when this process worked alone, as
+    ``score --out`` does, so that the job ends as one; a rank that finished first waits for the others
+    (up to ``MEETING_TIMEOUT``), which torchrun does anyway before it exits."""
+    found = launch_environment()
+    if (get_world_size() > 1 or found is None or found.world_size <= 1 or found.launcher != 'torchrun'
+            or 'TORCHELASTIC_RUN_ID' not in os.environ):
+        return
+    dist.init_process_group(backend='gloo', init_method='env://', rank=found.rank, world_size=found.world_size,
+                            timeout=MEETING_TIMEOUT)
+
+
+#: How long a rank of a torchrun job that worked alone waits for the others at the end.
+MEETING_TIMEOUT = datetime.timedelta(days=7)
 #: How long rank 0 waits for the other ranks of its machine to end before it exits with a failure status.
 EXIT_WAIT_SECONDS = 30.0
 
@@ -420,3 +442,35 @@ def check_ranks_hold_the_same(tensors: Mapping[str, torch.Tensor], what: str = '
         raise RuntimeError(f'the ranks ended training with different {what}: {len(differing)} of {len(tensors)} '
                            f'tensors differ from rank 0: {shown}{more}')
     return len(tensors)
+
+
+# ------------------------------------------------------------------------------------ tasks without a group
+def task_slot(environ: Optional[Mapping[str, str]] = None) -> tuple:
+    """(number of tasks, this task's index) a scheduler gives a process that works alone, e.g. on its shards.
+
+    Inside a Slurm array (``SLURM_ARRAY_TASK_ID`` - ``SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``), each
+    array task is one slot, split again over the processes it runs: torchrun's ``RANK`` of ``WORLD_SIZE`` when set,
+    else Slurm's ``SLURM_PROCID`` of ``SLURM_NTASKS``; so (A array tasks x P processes) give A*P slots, slot
+    ``array index * P + process index``. Without an array, the processes alone (torchrun's variables win over
+    Slurm's, as in :func:`launch_environment`); without any, (1, 0).
+    """
+    environ = os.environ if environ is None else environ
+    found = launch_environment(None, environ)
+    inner = (found.world_size, found.rank) if found else (1, 0)
+    if 'SLURM_ARRAY_TASK_ID' in environ and 'SLURM_ARRAY_TASK_COUNT' in environ:
+        count = _int_variable(environ, 'SLURM_ARRAY_TASK_COUNT')
+        index = _int_variable(environ, 'SLURM_ARRAY_TASK_ID') - (
+            _int_variable(environ, 'SLURM_ARRAY_TASK_MIN') if 'SLURM_ARRAY_TASK_MIN' in environ else 0)
+        if not 0 <= index < count:
+            raise ValueError(f'SLURM_ARRAY_TASK_ID gives task {index} of {count}: give a contiguous array, e.g. '
+                             f'--array=0-{count - 1}, or the shard options')
+        return count * inner[0], index * inner[0] + inner[1]
+    return inner
+
+
+def process_device(device: Optional[str] = None) -> torch.device:
+    """The device of a process that works alone under a launcher: ``cuda:LOCAL_RANK`` for 'cuda' (default when
+    available), else ``device``; no process group is joined."""
+    found = launch_environment(None)
+    return _pick_device(device, found.local_rank if found else 0, distributed=found is not None and
+                        found.world_size > 1)

@@ -195,7 +195,8 @@ def test_final_csv_is_in_path_order_and_in_the_format_of_write_csv(mixed_folder,
     assert streamed.read_bytes() == written.read_bytes()
     rows = list(csv.reader(streamed.open()))
     assert [r[0] for r in rows[1:]] == sorted(str(p) for p in mixed_folder.iterdir())
-    assert all('niqe: cannot create metric' in r[-1] for r in rows[1:])
+    assert all(r[-1].split(' | ')[0] == f'niqe: {scoring.results.NOT_CREATED}' for r in rows[1:])  # reason: once
+    assert [f.reason[:22] for f in report.errors if f.kind == 'metric'] == ['cannot create metric: ']
 
 
 def test_resume_keeps_the_rows_and_scores_only_the_missing_images(mixed_folder, tiny_checkpoint, tmp_path,

@@ -21,6 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     'make-synthetic': ('make_synthetic', 'write a small labelled dataset (offline)'),
     'demo': ('demo', 'score bundled photos, clean and distorted'),
     'export': ('export', 'write a checkpoint as a model folder to share (safetensors, config.json, model card)'),
+    'merge': ('merge', 'read the per-shard parquet files of score --out into one table or CSV'),
 }
 
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data.image_io import printable
 from .results import (Failure, ImageResult, ScoreReport, csv_row, existing_part_files, failure_text, parse_row,
-                      write_rows_atomically)
+                      row_failure, write_rows_atomically)
 
 #: What each rank gives rank 0: the creation failures of its metrics and the results of its images.
 RankResults = Tuple[List[Failure], List[ImageResult]]
@@ -39,7 +39,7 @@ def merge_report(report: ScoreReport, plan: Plan, gathered: Sequence[RankResults
     creation = list(OrderedDict.fromkeys(f for errors, _ in gathered for f in errors))
     report.errors = [Failure(None, image, reason) for image, reason in plan.pairing_errors.items()]
     report.errors += creation
-    creation_texts = {failure_text(f) for f in creation}
+    creation_texts = {failure_text(row_failure(f)) for f in creation}
     new = {r.index: r for _, results in gathered for r in results}
     for index, image in enumerate(plan.images):
         if index in new:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..pretrained import WeightsNotFoundError
-from .results import Failure, ScoreReport
+from .results import CREATION_FAILURE_PREFIX, Failure, ScoreReport
 
 NameMap = Callable[[str], str]
 
@@ -153,7 +153,7 @@ def build_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, objec
 
 def creation_failure_reason(error: Exception) -> str:
     """The reason a score report gives for a metric that could not be created."""
-    return f'cannot create metric: {type(error).__name__}: {error}'
+    return f'{CREATION_FAILURE_PREFIX}{type(error).__name__}: {error}'
 
 
 def create_metrics(names: Sequence[str], options: Mapping[str, Mapping[str, object]], device: Optional[str],

@@ -24,6 +24,10 @@ from .collect import decode_path, encode_path
 MAX_CSV_FIELD = 1 << 24
 #: Separates the failures of one image in the ``errors`` column.
 FAILURE_SEPARATOR = ' | '
+#: How the reason of a metric that could not be created starts (:func:`~.metrics.creation_failure_reason`).
+CREATION_FAILURE_PREFIX = 'cannot create metric: '
+#: What the row of every image says of such a metric: its long reason is given once, in the run's failures.
+NOT_CREATED = "metric not created (see the run's first failure)"
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,17 @@ def failure_text(failure: Failure) -> str:
     return printable(text.replace('\r', ' ').replace('\n', ' '))
 
 
+def row_failure(failure: Failure) -> Failure:
+    """``failure`` as an image's row gives it: a metric that could not be created reads :data:`NOT_CREATED`, so
+    that its reason (often a long message) is not copied into every row."""
+    if failure.kind == 'metric' and failure.reason.startswith(CREATION_FAILURE_PREFIX):
+        return Failure(failure.metric, failure.image, NOT_CREATED)
+    return failure
+
+
 def errors_text(failures: Sequence[Failure]) -> str:
     """The ``errors`` cell of an image with these failures (those of the image and of every image, in order)."""
-    return FAILURE_SEPARATOR.join(failure_text(f) for f in failures)
+    return FAILURE_SEPARATOR.join(failure_text(row_failure(f)) for f in failures)
 
 
 def parse_failures(text: str, image: str, metrics: Sequence[str]) -> List[Failure]:

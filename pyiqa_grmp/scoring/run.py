@@ -1,5 +1,7 @@
 """Scoring a whole collection, at any scale: the plan (images, references, rows kept by ``resume``), the
-streamed rows, and the merge of every rank's results into one report and one CSV.
+streamed rows, and the merge of every rank's results into one report and one CSV (:func:`score_images`); or
+shard by shard into a folder of parquet files, this process taking every ``num_shards``-th shard
+(:func:`score_to_shards`).
 
 Rows go to the ``csv_path`` file as batches finish (flushed), so a killed run loses only the batches in flight;
 ``resume`` keeps the rows of an earlier run and scores the rest. Under ``torchrun`` the images are split over
@@ -8,7 +10,8 @@ the ranks (:mod:`pyiqa_grmp.distributed`) and rank 0 writes the one CSV a single
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import distributed
 from ..data.image_io import file_kind, printable
@@ -17,8 +20,11 @@ from .collect import collect_targets, decode_path, pair_references
 from .merge import Plan, add_results, merge_report, write_final_csv
 from .metrics import check_metric_requests, create_metrics
 from .pipeline import progress_bar, score_stream
-from .results import (Failure, ImageResult, RowLog, ScoreReport, csv_header, csv_row, existing_part_files,
-                      part_file, read_rows)
+from .results import (Failure, ImageResult, RowLog, ScoreReport, csv_header, csv_row, errors_text,
+                      existing_part_files, part_file, read_rows)
+from .shard_output import (check_listing, check_same_run, output_path, read_output_metadata, remove_temporaries,
+                           run_metadata, shard_source, write_shard_output)
+from .shards import list_shards, read_shard, release_row_groups, size_recorded
 
 
 def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional[str], resume: bool) -> Plan:
@@ -130,3 +136,110 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
     if csv_path:
         write_final_csv(csv_path, header, plan, gathered)
     return report
+
+
+# ------------------------------------------------------------------------------------------------- by shard
+#: Run metadata compared before any metric is created, when every shard of this process is complete already.
+REQUEST_METADATA = ('metrics', 'metric_options', 'precision', 'inputs')
+#: Why a full-reference metric does not score shards.
+NO_REFERENCES_IN_SHARDS = 'full-reference metric: shard inputs carry no reference images'
+
+
+@dataclass
+class ShardRun:
+    """What :func:`score_to_shards` did in this process: per shard (name, 'scored' or 'skipped', images, rows
+    with an error, output path), and every failure once (metrics not created, damaged shards, images)."""
+
+    out_dir: str
+    shards: List[Tuple[str, str, int, int, str]] = field(default_factory=list)
+    errors: List[Failure] = field(default_factory=list)
+
+
+def _validate_slot(num_shards: int, shard_index: int) -> None:
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise InvalidArgument('num_shards', f'must be an integer >= 1, got {num_shards!r}')
+    if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise InvalidArgument('shard_index', f'must be an integer in [0, num_shards - 1] = [0, {num_shards - 1}], '
+                                             f'got {shard_index!r}')
+
+
+def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir: str, *, shard_size: int,
+                    device: Optional[str] = None, batch_size: int = 8, progress: bool = True,
+                    metric_options: Optional[Dict[str, Dict[str, object]]] = None, workers: int = 0,
+                    num_shards: int = 1, shard_index: int = 0,
+                    image_column: Optional[str] = None, key_column: Optional[str] = None,
+                    keep_columns: Sequence[str] = (), precision: Optional[str] = None,
+                    metrics: Optional[Dict[str, object]] = None) -> ShardRun:
+    """Score the shards ``shard_index``, ``shard_index + num_shards``, ... of ``targets`` into ``out_dir``, one
+    parquet file each (:mod:`.shard_output`); failures are rows and reports, never raised.
+
+    Completed shards are skipped, and partial ones (a killed run's temporary file) redone from scratch; a run
+    whose metrics, options, weights, precision or input options differ from a completed shard's is refused
+    before scoring, naming the difference. Nothing is shared with other processes but ``out_dir``: each task of
+    a scheduler (or rank of a launcher) runs this alone with its own ``shard_index``. ``metrics`` as in
+    :func:`score_images`.
+    """
+    metric_names = list(metric_names)
+    metric_options = metric_options or {}
+    _validate_slot(num_shards, shard_index)
+    unknown = sorted(set(metric_options) - set(metric_names))
+    if unknown:
+        raise InvalidArgument('metric_options', f'names metrics that are not scored: {unknown}')
+    if metrics is None:
+        check_metric_requests(metric_names, metric_options)
+    shards = list_shards(list(targets), shard_size)
+    check_listing(out_dir, shards)
+    mine = shards[shard_index::num_shards]
+    inputs = {'image_column': image_column, 'key_column': key_column, 'keep_columns': list(keep_columns),
+              'shard_size': shard_size}
+    run = ShardRun(out_dir)
+    completed: Dict[str, dict] = {}
+    todo = []
+    for shard in mine:
+        remove_temporaries(out_dir, shard.name)
+        found = read_output_metadata(output_path(out_dir, shard.name))
+        if found is not None and found['shard']['source'] == shard_source(shard):
+            completed[shard.name] = found
+            run.shards.append((shard.name, 'skipped', found['shard']['images'], -1, output_path(out_dir, shard.name)))
+        else:
+            todo.append(shard)
+    for shard in shards:  # the first completed shard of the run, whoever wrote it (see shard_output)
+        found = completed.get(shard.name) or read_output_metadata(output_path(out_dir, shard.name))
+        if found is not None:
+            completed.setdefault(shard.name, found)
+            break
+    if not todo:
+        check_same_run(run_metadata(metric_names, metric_options, {}, precision, inputs), completed, out_dir,
+                       REQUEST_METADATA)
+        return run
+    report = ScoreReport(images=[], refs={}, metrics=metric_names)
+    if metrics is None:
+        metrics = create_metrics(metric_names, metric_options, device, report,
+                                 missing_references=NO_REFERENCES_IN_SHARDS)
+    creation_errors = list(report.errors)
+    run.errors.extend(creation_errors)
+    current = run_metadata(metric_names, metric_options, metrics, precision, inputs)
+    check_same_run(current, completed, out_dir)
+    for shard in todo:
+        contents = read_shard(shard, image_column, key_column, keep_columns)
+        sources, sizes = size_recorded(contents.sources)
+        results: List[ImageResult] = []
+        with progress_bar(len(sources), progress, shard.name) as bar:
+            for chunk in score_stream(sources, metrics, batch_size, workers):
+                results.extend(chunk)
+                bar.update(len(chunk))
+        release_row_groups()
+        rows = []
+        for result in results:
+            width, height = (int(v) for v in sizes[result.index])
+            rows.append((result.path, result.scores, errors_text([*creation_errors, *result.errors]),
+                         width if width >= 0 else None, height if height >= 0 else None))
+        path = write_shard_output(out_dir, shard, current, rows, contents.columns, contents.failures,
+                                  creation_errors)
+        failed = sum(1 for r in results if r.errors or len(r.scores) < len(metric_names))
+        run.shards.append((shard.name, 'scored', len(rows), failed, path))
+        run.errors.extend(contents.failures)
+        run.errors.extend(f for r in results for f in r.errors)
+    order = {s.name: i for i, s in enumerate(mine)}
+    run.shards.sort(key=lambda entry: order[entry[0]])
+    return run
