@@ -116,15 +116,17 @@ def test_collectives_across_two_gloo_processes():
                          'b on rank(s) 1')
 
 
-def _job_end_in_one_rank(rank, port, folder, results):
-    """One rank of a two-process job that warns and then leaves as ``pyiqa-grmp score`` does (stderr captured)."""
+def _job_end_in_one_rank(rank, port, folder, results, alone):
+    """One rank of a two-process job that warns and then leaves as ``pyiqa-grmp score`` does (stderr captured):
+    joined inside the block and failing on rank 0 (``--csv``), or ``alone`` under torchrun until the end and
+    failing on rank 1 (``--out``)."""
     import contextlib
     import io
     import sys
     import warnings
 
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS='1',
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS='1', TORCHELASTIC_RUN_ID='test',
                       TORCHELASTIC_ERROR_FILE=os.path.join(folder, f'error{rank}.json'))
     err = io.StringIO()
     warnings.simplefilter('default')
@@ -132,11 +134,13 @@ def _job_end_in_one_rank(rank, port, folder, results):
         warnings.formatwarning(message, category, filename, lineno), end='', file=sys.stderr)
     with contextlib.redirect_stderr(err):
         with distributed.warnings_once():
-            distributed.init_distributed('torchrun', device='cpu')  # joined inside the block, as score does
+            if not alone:
+                distributed.init_distributed('torchrun', device='cpu')  # joined inside the block, as score does
             warnings.warn('every rank says this')
             if rank == 1:
                 warnings.warn('only rank 1 says this')
-        status = distributed.leave_with_status(1, '3 failure(s): see scores.csv')
+        failing = 1 if alone else 0
+        status = distributed.leave_with_status(1 if rank == failing else 0, f'3 failure(s) on rank {rank}')
         seen_by_rank_zero = dict(results) if rank == 0 else None
     distributed.destroy()
     if rank == 1:
@@ -144,40 +148,45 @@ def _job_end_in_one_rank(rank, port, folder, results):
     results[rank] = (status, err.getvalue(), seen_by_rank_zero)
 
 
-@pytest.fixture(scope='module')
-def job_end(tmp_path_factory):
-    """(exit status, stderr, what rank 0 saw of the other ranks when it left) per rank, and the folder of the
-    error files, of a two-rank gloo job."""
-    folder = str(tmp_path_factory.mktemp('job_end'))
+def _job_end(folder, alone):
+    """(exit status, stderr, what rank 0 saw of the other ranks when it left) per rank of a two-rank gloo job."""
     with mp.Manager() as manager:
         results = manager.dict()
-        job = mp.start_processes(_job_end_in_one_rank, args=(free_port(), folder, results), nprocs=2, join=False,
-                                 start_method='fork')
+        job = mp.start_processes(_job_end_in_one_rank, args=(free_port(), folder, results, alone), nprocs=2,
+                                 join=False, start_method='fork')
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while not job.join(timeout=1):
             if time.monotonic() > deadline:
                 for process in job.processes:
                     process.kill()
                 pytest.fail('the two ranks did not finish in time')
-        return dict(results), folder
+        return dict(results)
+
+
+@pytest.fixture(scope='module', params=['joined', 'alone'])
+def job_end(request, tmp_path_factory):
+    """What each rank of a job that joined (``--csv``) or worked alone (``--out``) gave, and its error files."""
+    folder = str(tmp_path_factory.mktemp(f'job_end_{request.param}'))
+    return _job_end(folder, request.param == 'alone'), folder, request.param
 
 
 def test_rank_zero_shows_each_warning_of_the_ranks_once(job_end):
-    results, _ = job_end
+    results, _, _ = job_end
     zero, one = results[0][1], results[1][1]
     assert one == ''
     assert zero.count('UserWarning: every rank says this') == 1
     assert zero.count('only rank 1 says this') == 1 and 'UserWarning (rank 1): only rank 1 says this' in zero
 
 
-def test_only_rank_zero_exits_with_the_status_and_tells_torchrun_why(job_end):
+def test_only_rank_zero_exits_with_the_status_of_the_job_and_tells_torchrun_why(job_end):
     import json
 
-    results, folder = job_end
+    results, folder, kind = job_end
     assert (results[0][0], results[1][0]) == (1, 0)
     assert 1 in results[0][2], 'rank 0 left before the other rank had ended'
     with open(os.path.join(folder, 'error0.json')) as handle:  # the format torchrun's ChildFailedError shows
-        assert json.load(handle)['message']['message'] == '3 failure(s): see scores.csv'
+        message = json.load(handle)['message']['message']
+    assert message == ('3 failure(s) on rank 1' if kind == 'alone' else '3 failure(s) on rank 0')
     assert not os.path.exists(os.path.join(folder, 'error1.json'))
 
 
