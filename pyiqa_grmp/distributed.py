@@ -1,4 +1,5 @@
-"""The one place for ``torch.distributed`` in pyiqa_grmp: launch, rank and device, collectives, sharding.
+"""The one place for ``torch.distributed`` in pyiqa_grmp: launch, rank and device, collectives, sharding, and
+how a job ends (warnings shown once, the exit status rank 0 alone carries, for torchrun's report).
 
 Launchers: ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and SLURM
 (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with ``MASTER_ADDR`` / ``MASTER_PORT`` exported by the job
@@ -9,10 +10,17 @@ whether they were launched in parallel; a model or a scoring loop asks this modu
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
+import json
 import os
+import socket
+import sys
+import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -208,6 +216,140 @@ def destroy() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ one job's messages and status
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (0 for a plain process), readable before the job is joined,
+    so that a note every rank would print is printed by rank 0 alone."""
+    found = launch_environment()
+    return found.rank if found is not None and found.world_size > 1 else 0
+
+
+@contextlib.contextmanager
+def warnings_once() -> Iterator[None]:
+    """Python warnings of a job's ranks shown once: rank 0 shows its own as they come; the other ranks hold
+    theirs, and after the block (which may be where the job is joined; every rank must leave it) rank 0 shows,
+    naming the ranks, those it did not show itself.
+
+    Every rank runs the same code, so most warnings come from all of them; a plain process shows them as usual.
+    An exception leaving the block skips the exchange (the other ranks may never arrive), as does a block that
+    never joined the job; a rank > 0 then shows what it held.
+    """
+    found = launch_environment()
+    if found is None or found.world_size <= 1:
+        yield
+        return
+    held: List[Tuple[str, str, str, int]] = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def hold(message, category, filename, lineno, file=None, line=None):
+            held.append((category.__name__, str(message), filename, lineno))
+            if found.rank == 0:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = hold
+        try:
+            yield
+        except BaseException:
+            for warning in held if found.rank > 0 else []:
+                _show(warning)
+            raise
+    _meet_to_end()
+    if get_world_size() == 1:  # the block did not join the job: nobody to hand the warnings to
+        for warning in held if found.rank > 0 else []:
+            _show(warning)
+        return
+    gathered = gather_objects(held)
+    ranks_of: Dict[Tuple[str, str, str, int], List[int]] = {}
+    for rank, theirs in enumerate(gathered[1:] if gathered else [], start=1):
+        for warning in theirs:
+            if warning not in gathered[0]:
+                ranks_of.setdefault(warning, []).append(rank)
+    for warning, ranks in ranks_of.items():
+        _show(warning, f' (rank {", ".join(map(str, ranks))})')
+
+
+def _show(warning: Tuple[str, str, str, int], ranks: str = '') -> None:
+    category, message, filename, lineno = warning
+    print(f'{filename}:{lineno}: {category}{ranks}: {message}', file=sys.stderr)
+
+
+def leave_with_status(status: int, reason: str) -> int:
+    """This process's exit status at the end of a job: rank 0 exits with the highest ``status`` of the ranks,
+    the others with 0. Every rank calls it with its own ``status`` and ``reason`` (one line saying why when the
+    status is not 0); a plain process returns ``status``.
+
+    The ranks' work is done and their results are written (or rank 0's), so one status says how the job went.
+    Under torchrun, which reports any rank's nonzero exit as a failed job (``ChildFailedError``: its traceback
+    and a block per failed rank, and a restart when ``--max-restarts`` allows one), rank 0 first writes the
+    reasons to the error file torchrun reads (``TORCHELASTIC_ERROR_FILE``), so that the block shows them rather
+    than a pointer to tracebacks, and waits (at most ``EXIT_WAIT_SECONDS``) for the other ranks of its machine
+    (its process-id space) to end, so that the block names rank 0 alone, not ranks torchrun had to stop. Ranks
+    that worked alone under torchrun (``score --out``) meet for this first (:func:`_meet_to_end`).
+    """
+    _meet_to_end()
+    if get_world_size() == 1:
+        return status
+    ends = all_gather_objects((status, reason, _process_space(), os.getpid()))
+    if get_rank() != 0:
+        return 0
+    failed = [(rank, reason) for rank, (code, reason, _, _) in enumerate(ends) if code != 0]
+    status = max(code for code, _, _, _ in ends)
+    error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if failed and error_file:
+        from .checkpointing import write_atomically
+
+        text = failed[0][1] if len(failed) == 1 else '; '.join(f'rank {rank}: {reason}' for rank, reason in failed)
+        # torchrun's own format (torch.distributed.elastic's ErrorHandler): the block shows 'message'
+        data = {'message': {'message': text, 'extraInfo': {'timestamp': str(int(time.time()))}}}
+        write_atomically(error_file, json.dumps(data))
+        space = ends[0][2]
+        deadline = time.monotonic() + EXIT_WAIT_SECONDS
+        for _, _, other_space, pid in ends[1:]:
+            while other_space == space and _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+    return status
+
+
+def _meet_to_end() -> None:
+    """Join the ranks of a torchrun job (gloo, for a few small objects) when this process worked alone, as
+    ``score --out`` does, so that the job ends as one; a rank that finished first waits for the others
+    (up to ``MEETING_TIMEOUT``), which torchrun does anyway before it exits."""
+    found = launch_environment()
+    if (get_world_size() > 1 or found is None or found.world_size <= 1 or found.launcher != 'torchrun'
+            or 'TORCHELASTIC_RUN_ID' not in os.environ):
+        return
+    dist.init_process_group(backend='gloo', init_method='env://', rank=found.rank, world_size=found.world_size,
+                            timeout=MEETING_TIMEOUT)
+
+
+#: How long a rank of a torchrun job that worked alone waits for the others at the end.
+MEETING_TIMEOUT = datetime.timedelta(days=7)
+#: How long rank 0 waits for the other ranks of its machine to end before it exits with a failure status.
+EXIT_WAIT_SECONDS = 30.0
+
+
+def _process_space() -> str:
+    """What names this process's process-id space: the kernel's boot id and the pid namespace (two processes with
+    the same space see each other's ids), else the host name."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as handle:
+            return f'{handle.read().strip()} {os.readlink("/proc/self/ns/pid")}'
+    except OSError:
+        return socket.gethostname()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, waiting for its parent to collect its status, has ended);
+    False where ``/proc`` cannot tell."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as handle:
+            state = handle.read().rsplit(b')', 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b'Z', b'X')
 
 
 # ------------------------------------------------------------------------------------- training collectives

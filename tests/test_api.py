@@ -119,16 +119,16 @@ def test_adapt_errors_in_library_words_become_flags_on_the_command_line(tmp_path
 def _modules_after(code):
     """The heavy modules a fresh interpreter has imported after running ``code``."""
     probe = ('import json, sys\n' + code + '\nprint(json.dumps([m for m in ("pandas", "matplotlib", "open_clip", '
-             '"scipy") if m in sys.modules]), file=sys.stderr)')
+             '"scipy", "ray") if m in sys.modules]), file=sys.stderr)')
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, HF_HUB_OFFLINE='1'))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stderr.strip().splitlines()[-1]), result.stdout
 
 
-def test_import_of_the_package_loads_no_api_module():
-    loaded, _ = _modules_after('import pyiqa_grmp')
-    assert 'pandas' not in loaded and 'matplotlib' not in loaded
+def test_import_of_the_package_and_its_ray_module_loads_no_api_module_nor_ray():
+    loaded, _ = _modules_after('import pyiqa_grmp\nimport pyiqa_grmp.ray')  # pyiqa_grmp.ray: MetricScorer
+    assert 'pandas' not in loaded and 'matplotlib' not in loaded and 'ray' not in loaded
 
 
 def test_list_command_imports_neither_pandas_nor_matplotlib_nor_open_clip():

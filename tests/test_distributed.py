@@ -116,6 +116,80 @@ def test_collectives_across_two_gloo_processes():
                          'b on rank(s) 1')
 
 
+def _job_end_in_one_rank(rank, port, folder, results, alone):
+    """One rank of a two-process job that warns and then leaves as ``pyiqa-grmp score`` does (stderr captured):
+    joined inside the block and failing on rank 0 (``--csv``), or ``alone`` under torchrun until the end and
+    failing on rank 1 (``--out``)."""
+    import contextlib
+    import io
+    import sys
+    import warnings
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS='1', TORCHELASTIC_RUN_ID='test',
+                      TORCHELASTIC_ERROR_FILE=os.path.join(folder, f'error{rank}.json'))
+    err = io.StringIO()
+    warnings.simplefilter('default')
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: print(
+        warnings.formatwarning(message, category, filename, lineno), end='', file=sys.stderr)
+    with contextlib.redirect_stderr(err):
+        with distributed.warnings_once():
+            if not alone:
+                distributed.init_distributed('torchrun', device='cpu')  # joined inside the block, as score does
+            warnings.warn('every rank says this')
+            if rank == 1:
+                warnings.warn('only rank 1 says this')
+        failing = 1 if alone else 0
+        status = distributed.leave_with_status(1 if rank == failing else 0, f'3 failure(s) on rank {rank}')
+        seen_by_rank_zero = dict(results) if rank == 0 else None
+    distributed.destroy()
+    if rank == 1:
+        time.sleep(0.5)  # rank 0 must still wait for this process to end
+    results[rank] = (status, err.getvalue(), seen_by_rank_zero)
+
+
+def _job_end(folder, alone):
+    """(exit status, stderr, what rank 0 saw of the other ranks when it left) per rank of a two-rank gloo job."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        job = mp.start_processes(_job_end_in_one_rank, args=(free_port(), folder, results, alone), nprocs=2,
+                                 join=False, start_method='fork')
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while not job.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in job.processes:
+                    process.kill()
+                pytest.fail('the two ranks did not finish in time')
+        return dict(results)
+
+
+@pytest.fixture(scope='module', params=['joined', 'alone'])
+def job_end(request, tmp_path_factory):
+    """What each rank of a job that joined (``--csv``) or worked alone (``--out``) gave, and its error files."""
+    folder = str(tmp_path_factory.mktemp(f'job_end_{request.param}'))
+    return _job_end(folder, request.param == 'alone'), folder, request.param
+
+
+def test_rank_zero_shows_each_warning_of_the_ranks_once(job_end):
+    results, _, _ = job_end
+    zero, one = results[0][1], results[1][1]
+    assert one == ''
+    assert zero.count('UserWarning: every rank says this') == 1
+    assert zero.count('only rank 1 says this') == 1 and 'UserWarning (rank 1): only rank 1 says this' in zero
+
+
+def test_only_rank_zero_exits_with_the_status_of_the_job_and_tells_torchrun_why(job_end):
+    import json
+
+    results, folder, kind = job_end
+    assert (results[0][0], results[1][0]) == (1, 0)
+    assert 1 in results[0][2], 'rank 0 left before the other rank had ended'
+    with open(os.path.join(folder, 'error0.json')) as handle:  # the format torchrun's ChildFailedError shows
+        message = json.load(handle)['message']['message']
+    assert message == ('3 failure(s) on rank 1' if kind == 'alone' else '3 failure(s) on rank 0')
+    assert not os.path.exists(os.path.join(folder, 'error1.json'))
+
+
 def test_digests_tell_bit_identical_tensors_from_any_difference():
     base = {'w': torch.tensor([1.0, 2.0, 3.0]), 'mask': torch.tensor([0.0, float('-inf')]), 'n': torch.tensor(3)}
     digests = distributed.tensor_digests(base)
@@ -176,13 +250,23 @@ def _torchrun(args, timeout=SUBPROCESS_TIMEOUT):
                           env=subprocess_env(), cwd=REPO_ROOT)
 
 
-def test_two_ranks_write_the_csv_of_one_process(collection, tiny_checkpoint, one_process_csv, tmp_path):
+def test_two_ranks_write_the_csv_of_one_process_and_report_its_failure_once(collection, tiny_checkpoint,
+                                                                           one_process_csv, tmp_path):
     out_csv = tmp_path / 'scores.csv'
     result = _torchrun(_score_args(collection, out_csv, tiny_checkpoint, '--workers', '1'))
     assert 'photo99.jpg' in result.stderr, result.stderr[-3000:]
     assert out_csv.read_bytes() == one_process_csv
     assert result.stderr.count('FAILED [*]') == 1 and result.stdout.count('grmp_iqa ') == 1
+    assert result.stderr.count('1 failure(s); see the messages above') == 1
     assert not list(tmp_path.glob('scores.csv.part*'))
+    # what the README documents: rank 0 alone exits 1, so torchrun's report (its own traceback and one block)
+    # names rank 0 only, with the reason as its traceback line; torchrun exits 1
+    assert result.returncode == 1
+    assert result.stderr.count('Traceback (most recent call last)') == 1
+    assert result.stderr.count('exitcode  : ') == 1 and 'rank      : 0 (local_rank: 0)' in result.stderr
+    assert (f'traceback : pyiqa-grmp score: 1 failure(s) (images or metrics that could not be scored; the others '
+            f'were): see the errors column of {out_csv}') in result.stderr
+    assert 'SIGTERM' not in result.stderr
 
 
 def test_two_ranks_resume_from_the_csv_and_part_files_of_an_earlier_run(collection, tiny_checkpoint,

@@ -31,7 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     parser = add_command(subparsers, 'score', 'Score every image with every metric and print the mean per metric. '
                          'Unreadable files and failing metrics are reported by name, the rest is still scored, and '
-                         'the exit status is then 1.', EXAMPLES)
+                         'the exit status is then 1. Under torchrun they are rows too and only rank 0 exits 1 (the '
+                         "other ranks 0): torchrun then prints its failure report for rank 0 alone, whose "
+                         "traceback line gives the number of failures, and exits 1 (README: \"Exit status under "
+                         'torchrun").', EXAMPLES)
     parser.add_argument('metrics', nargs='+', metavar='METRIC',
                         help='metric names, e.g. grmp_iqa piqe (see "pyiqa-grmp list")')
     parser.add_argument('-t', '--target', dest='targets', required=True, metavar='TARGET', nargs='+',
@@ -81,44 +84,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..api import score
 
     if args.resume and not args.csv_path:
         raise UsageError('--resume needs --csv, the file of the run to resume')
-    precision_note(args.metrics, args.precision)
-    if args.out is not None:
-        return _run_shards(args)
+    if distributed.launch_rank() == 0:  # every rank would say the same
+        precision_note(args.metrics, args.precision)
     try:
-        frame = score(args.targets, args.metrics, ref=args.ref, device=args.device, batch_size=args.batch_size,
-                      workers=args.workers, metric_options=parse_metric_options(args.metric_options),
-                      precision=args.precision, csv_path=args.csv_path, resume=args.resume,
-                      num_shards=args.num_shards, shard_index=args.shard_index, shard_size=args.shard_size,
-                      image_column=args.image_column, key_column=args.key_column, keep_columns=args.keep_columns,
-                      decode=args.decode, fast=args.fast)
-        if 'shard' in frame.columns:  # shards without --out: the merged table, one row per image
-            frame = frame.rename(columns={'key': 'image'})
-        status = 0
-        if distributed.get_rank() == 0:
-            _print(frame, args.metrics, args.verbose)
-            if args.csv_path:
-                print(f'wrote {printable(args.csv_path)}')
-            if frame.attrs['errors']:
-                print(f'{len(frame.attrs["errors"])} failure(s); see the messages above', file=sys.stderr)
-                status = 1
-        return distributed.broadcast_object(status)
+        with distributed.warnings_once():
+            if args.out is not None:
+                status, failures = _run_shards(args)
+                where = f'the error column of the shards in {printable(args.out)}'
+            else:
+                status, failures = _run_table(args)
+                where = f'the errors column of {printable(args.csv_path)}' if args.csv_path else 'the FAILED lines'
+        return distributed.leave_with_status(status, f'pyiqa-grmp score: {failures} failure(s) (images or metrics '
+                                             f'that could not be scored; the others were): see {where}')
     finally:
         distributed.destroy()
 
 
-def _run_shards(args: argparse.Namespace) -> int:
-    """``score --out``: this task's shards, a line per shard, the failures (images: the first ones) on stderr."""
+def _score(args: argparse.Namespace):
+    """:func:`pyiqa_grmp.score` with the command's arguments."""
     from ..api import score
 
-    frame = score(args.targets, args.metrics, ref=args.ref, device=args.device, batch_size=args.batch_size,
-                  workers=args.workers, metric_options=parse_metric_options(args.metric_options),
-                  precision=args.precision, csv_path=args.csv_path, resume=args.resume, out=args.out,
-                  num_shards=args.num_shards, shard_index=args.shard_index, shard_size=args.shard_size,
-                  image_column=args.image_column, key_column=args.key_column, keep_columns=args.keep_columns)
+    return score(args.targets, args.metrics, ref=args.ref, device=args.device, batch_size=args.batch_size,
+                 workers=args.workers, metric_options=parse_metric_options(args.metric_options),
+                 precision=args.precision, csv_path=args.csv_path, resume=args.resume, out=args.out,
+                 num_shards=args.num_shards, shard_index=args.shard_index, shard_size=args.shard_size,
+                 image_column=args.image_column, key_column=args.key_column, keep_columns=args.keep_columns,
+                 decode=args.decode, fast=args.fast)
+
+
+def _run_table(args: argparse.Namespace) -> tuple:
+    """``score`` without ``--out``: the table of every image, printed by rank 0; (exit status, failures)."""
+    from .. import distributed
+
+    frame = _score(args)
+    if 'shard' in frame.columns:  # shards without --out: the merged table, one row per image
+        frame = frame.rename(columns={'key': 'image'})
+    status, failures = 0, len(frame.attrs['errors'])
+    if distributed.get_rank() == 0:
+        _print(frame, args.metrics, args.verbose)
+        if args.csv_path:
+            print(f'wrote {printable(args.csv_path)}')
+        if failures:
+            print(f'{failures} failure(s); see the messages above', file=sys.stderr)
+            status = 1
+    return status, failures
+
+
+def _run_shards(args: argparse.Namespace) -> tuple:
+    """``score --out``: this task's shards, a line per shard, the failures (images: the first ones) on stderr;
+    (exit status, failures)."""
+    frame = _score(args)
     for row in frame.itertuples():
         counts = f'{row.images} images' + (f', {row.failed} with an error' if row.failed > 0 else '')
         print(f'{row.shard}: {row.status} ({counts})  {printable(row.path)}')
@@ -135,7 +153,7 @@ def _run_shards(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if errors:
         print(f'{len(errors)} failure(s); see the messages above', file=sys.stderr)
-    return 1 if errors else 0
+    return (1 if errors else 0), len(errors)
 
 
 def _print(frame, metrics, verbose: bool) -> None:
