@@ -23,6 +23,7 @@ from finetune_step import _options as finetune_options
 from pyiqa.models import build_model
 
 import pyiqa_grmp  # noqa: F401
+from pyiqa_grmp.archs.checkpoint import tensor_digest
 from pyiqa_grmp.checkpointing import atomic_torch_save
 from pyiqa_grmp.model_folder import checkpoint_description
 
@@ -69,8 +70,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             model = build_model(options(args.backbone, workdir, args.device))
             _after_one_step(model, kind == 'meta-training', device)
+            bare = model.get_bare_model(model.net)
+            trainable = set(model.trainable_keys(bare))
             start = time.perf_counter()
-            reference = model.compact_reference(model.get_bare_model(model.net))
+            tensor_digest({k: v for k, v in bare.state_dict().items() if k not in trainable})
+            digest_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            reference = model.compact_reference(bare)
             once = time.perf_counter() - start
             stored = reference['base'].get('file')
             stored_bytes = os.path.getsize(os.path.join(workdir, stored)) if stored else 0
@@ -81,9 +87,10 @@ def main() -> None:
             full_bytes, compact_bytes = _files(workdir, 1), _files(workdir, 2)
             print(f'{kind}: bytes per save (network + state) full {full_bytes:,}, compact {compact_bytes:,}; '
                   f'ratios full / compact: bytes {full_bytes / compact_bytes:.1f}x, time {full / compact:.1f}x')
-            print(f'{kind}: once per run: digest of the {reference["tensors"]} frozen tensors and the stored base '
-                  f'{once:.2f} s, stored base {stored_bytes:,} bytes '
-                  f'({"written: random-init base" if stored else "none: the base is rebuilt from its weights"})')
+            print(f'{kind}: once per run (and per load): digest of the {reference["tensors"]} frozen tensors '
+                  f'{digest_seconds:.2f} s; the first save also wrote a stored base of {stored_bytes:,} bytes '
+                  f'({"random-init base" if stored else "none: the base is rebuilt from its weights"}), '
+                  f'{once:.2f} s with its digest')
 
 
 if __name__ == '__main__':

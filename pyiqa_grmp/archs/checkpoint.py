@@ -35,9 +35,9 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not fit the model; the message names the missing and unexpected keys."""
 
 
-class BaseWeightsError(CheckpointMismatchError):
+class BaseWeightsError(CheckpointMismatchError, ValueError):
     """A compact checkpoint's base weights are missing or are not the ones it was trained on; the message names
-    the expected base (and the one found)."""
+    the expected base (and the one found). A ValueError too: bad input, which the CLI reports in one line."""
 
 
 #: ``format`` of the ``applies_to`` entry of a compact checkpoint (see :func:`tensor_digest`).

@@ -143,10 +143,12 @@ def base_tensors(checkpoint: GRMPCheckpoint) -> Dict[str, torch.Tensor]:
     _base_depth[0] += 1
     try:
         if 'file' in base:
-            candidates = [os.path.join(os.path.dirname(os.path.abspath(checkpoint.path)), base['file']), base['path']]
+            beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint.path)), base['file'])
+            candidates = list(dict.fromkeys([beside, base['path']]))
             found = next((c for c in candidates if os.path.isfile(c)), None)
             if found is None:
-                raise FileNotFoundError(f'neither {candidates[0]} nor {candidates[1]} exists')
+                raise FileNotFoundError(f'{beside} does not exist' if len(candidates) == 1 else
+                                        f'neither {beside} nor {base["path"]} exists')
             tensors = read_safetensors(found)
         else:
             tensors = GRMPIQA(**checkpoint.network, **base).state_dict()
