@@ -4,8 +4,10 @@ Importing the package registers its types with pyiqa and does nothing else (no d
 changes); afterwards ``pyiqa.create_metric('grmp_iqa')`` works like any built-in metric.
 
 The Python API has the command line's power, names and defaults, and is loaded on first use:
-``score`` (images -> DataFrame, or shards -> parquet files), ``merge`` (those files -> DataFrame), ``compare`` (metrics on labelled images), ``adapt`` (fine-tune on your labelled
-images, with a report), ``train`` (from a training YAML or dict) and ``run_protocol`` (the paper's protocol).
+``score`` (images -> DataFrame, or shards -> parquet files), ``merge`` (those files -> DataFrame), ``compare``
+(metrics on labelled images), ``adapt`` (fine-tune on your labelled images, with a report), ``train`` (from a
+training YAML or dict), ``run_protocol`` (the paper's protocol) and ``export`` (a checkpoint as a model folder,
+or as one file of the whole network).
 """
 from .gradreg import regularize_gradients
 from .registry import register_all
@@ -22,6 +24,7 @@ _LAZY = {
     'train': 'training', 'TrainResult': 'training', 'TrainingInterrupted': 'training',
     'run_protocol': 'training', 'ProtocolResult': 'training',
     'InvalidArgument': 'errors',
+    'export': 'model_folder',
 }
 
 __all__ = ['__version__', 'register_all', 'regularize_gradients', *_LAZY]

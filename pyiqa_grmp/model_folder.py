@@ -3,7 +3,8 @@ place a model's weights can come from.
 
 A model folder holds three files:
 
-- ``model.safetensors``: every tensor of the network (fp32, or fp16 with ``half``), no pickle anywhere;
+- ``model.safetensors``: every tensor of the network (fp32, or fp16 with ``half``), no pickle anywhere (a
+  model folder never depends on base weights, unlike the compact checkpoints training writes);
 - ``config.json``: what ``create_metric`` needs (the network options: backbone, prompts, preprocessing), the
   score direction and range, the base weights it started from with their sha256, and the package version;
 - ``README.md``: the model card (data, split sizes, held-out results, settings, intended use and limits, licence
@@ -11,7 +12,10 @@ A model folder holds three files:
 
 :func:`read_model` reads a model folder, a folder of the Hugging Face hub cache named ``hf://OWNER/NAME`` (or
 ``hf://OWNER/NAME@REVISION``; looked up offline, nothing is downloaded), a bare ``.safetensors`` file or a torch
-checkpoint (through :func:`~pyiqa_grmp.archs.checkpoint.read_grmp_checkpoint`). Nothing read executes code: the
+checkpoint (through :func:`~pyiqa_grmp.archs.checkpoint.read_grmp_checkpoint`; a compact one, holding only the
+tensors training changed, names its base in ``applies_to``, checked by :func:`check_applies_to`, and is applied
+onto that base by :class:`~pyiqa_grmp.archs.grmp_arch.GRMPIQA`). :func:`export` writes a model folder, or with
+``full`` one file of the whole network. Nothing read executes code: the
 config is bounded JSON, the safetensors header is bounded JSON checked (dtypes, shapes, offsets) before a tensor
 is read, and the network options must be plain data of known names.
 """
@@ -21,12 +25,13 @@ import hashlib
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .archs.checkpoint import CheckpointMismatchError, GRMPCheckpoint, read_grmp_checkpoint
-from .checkpointing import atomic_write, write_atomically
+from .archs.checkpoint import COMPACT_FORMAT, CheckpointMismatchError, GRMPCheckpoint, read_grmp_checkpoint
+from .checkpointing import atomic_torch_save, atomic_write, write_atomically
 from .pretrained import WEIGHT_VARIANTS
 
 if TYPE_CHECKING:
@@ -47,6 +52,14 @@ NETWORK_OPTIONS = ('backbone', 'num_visual_prompts', 'n_ctx', 'class_names', 'sc
 #: Tensor dtypes a model folder may hold (every parameter of the model is floating point), with their sizes.
 SAFETENSORS_DTYPES = {'F32': 4, 'F16': 2, 'BF16': 2, 'F64': 8}
 MAX_OPTION_DEPTH = 8
+#: The options of :class:`~pyiqa_grmp.archs.grmp_arch.GRMPIQA` that say where its weights come from: what a
+#: compact checkpoint records to rebuild the base it applies to (with the network options).
+WEIGHTS_OPTIONS = {'pretrained': (bool,), 'pretrained_model_path': (str, type(None)), 'weights': (str,),
+                   'backbone_pretrained': (str, type(None))}
+#: The file beside a run's checkpoints that holds the frozen tensors no file or tag re-creates (a random
+#: initialisation), named by their digest.
+STORED_BASE = re.compile(r'base-[0-9a-f]{16}\.safetensors')
+FULL_EXPORT_FILE = 'model.pth'
 
 
 class ModelFolderError(CheckpointMismatchError):
@@ -101,6 +114,31 @@ def merge_network_options(given: Mapping[str, Any], described: Mapping[str, Any]
         raise ModelFolderError(f'the options given contradict the network that {source} describes: '
                                + '; '.join(conflicts) + '. Leave these options out: the file says what network it is')
     return merged
+
+
+def check_applies_to(value: Any, where: str) -> Dict[str, Any]:
+    """The ``applies_to`` entry of a compact checkpoint, checked: its format, the digest of the frozen tensors,
+    and their base: ``{'file': NAME, 'path': PATH}`` (a stored base) or :data:`WEIGHTS_OPTIONS` to rebuild it."""
+    _check_plain(value, where)
+    if type(value) is not dict or value.get('format') != COMPACT_FORMAT:
+        raise ModelFolderError(f'{where}: its applies_to entry is not a base reference of format {COMPACT_FORMAT!r}')
+    if not isinstance(value.get('digest'), str) or not re.fullmatch(r'sha256:[0-9a-f]{64}', value['digest']):
+        raise ModelFolderError(f'{where}: its applies_to entry has no sha256 digest of the base tensors')
+    base = value.get('base')
+    if type(base) is not dict:
+        raise ModelFolderError(f'{where}: its applies_to entry does not say where the base weights come from')
+    if 'file' in base:
+        if set(base) != {'file', 'path'} or not isinstance(base['file'], str) or \
+                not STORED_BASE.fullmatch(base['file']) or not isinstance(base['path'], str):
+            raise ModelFolderError(f'{where}: its stored base must be {{file: base-HEX.safetensors, path: PATH}}, '
+                                   f'got {base!r}')
+    else:
+        wrong = [key for key, item in base.items()
+                 if key not in WEIGHTS_OPTIONS or not isinstance(item, WEIGHTS_OPTIONS[key])]
+        if wrong:
+            raise ModelFolderError(f'{where}: its base names unknown or ill-typed weight options {sorted(wrong)}; '
+                                   f'known: {list(WEIGHTS_OPTIONS)}')
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -223,6 +261,11 @@ def read_model(path: str) -> GRMPCheckpoint:
     if checkpoint.network is not None:
         checkpoint.network = check_network_options(checkpoint.network, f'checkpoint {path}')
     _check_plain(checkpoint.base, f'checkpoint {path}')
+    if checkpoint.applies_to is not None:
+        checkpoint.applies_to = check_applies_to(checkpoint.applies_to, f'checkpoint {path}')
+        if checkpoint.network is None:
+            raise ModelFolderError(f'checkpoint {path} holds only the tensors training changed but does not say what '
+                                   'network they belong to, so their base cannot be rebuilt')
     return checkpoint
 
 
@@ -264,27 +307,36 @@ def build_config(model: 'GRMPIQA', *, half: bool, base: Optional[dict], labels: 
             'labels': labels or {}, 'base_weights': base}
 
 
+def _plain_tensors(tensors: Mapping[str, torch.Tensor], half: bool = False) -> Dict[str, torch.Tensor]:
+    """CPU copies of ``tensors`` that own their storage (fp16 with ``half``), ready to be written."""
+    copies = {key: value.detach().cpu().clone().contiguous() for key, value in tensors.items()}
+    if half:
+        copies = {key: value.half() if value.is_floating_point() else value for key, value in copies.items()}
+    return copies
+
+
+def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], half: bool = False) -> None:
+    """``tensors`` as a safetensors file (no pickle), written atomically."""
+    from safetensors.torch import save as save_tensors
+
+    data = save_tensors(_plain_tensors(tensors, half))
+    atomic_write(path, lambda handle: handle.write(data))
+
+
 def write_model_folder(out_dir: str, model: 'GRMPIQA', *, half: bool = False, base: Optional[dict] = None,
                        labels: Optional[dict] = None, summary: Optional[dict] = None) -> str:
     """Write ``model`` as a model folder (weights, config, card) into ``out_dir``, each file atomically."""
-    from safetensors.torch import save as save_tensors
-
-    tensors = {key: value.detach().cpu().clone().contiguous() for key, value in model.state_dict().items()}
-    if half:
-        tensors = {key: value.half() if value.is_floating_point() else value for key, value in tensors.items()}
-    data = save_tensors(tensors)
     config = build_config(model, half=half, base=base, labels=labels)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda handle: handle.write(data))
+    write_safetensors(os.path.join(out_dir, WEIGHTS_FILE), model.state_dict(), half)
     write_atomically(os.path.join(out_dir, CONFIG_FILE), json.dumps(config, indent=2) + '\n')
     write_atomically(os.path.join(out_dir, CARD_FILE), model_card(out_dir, config, summary))
     return out_dir
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, *, half: bool = False,
-                      network: Optional[Mapping[str, Any]] = None, summary: Optional[dict] = None) -> str:
-    """Write the model folder of a checkpoint (ours or official, or a model folder). ``network`` gives the network
-    options of a checkpoint that does not carry them (the ``network:`` section of its training YAML)."""
+def _whole_model(checkpoint: str, network: Optional[Mapping[str, Any]]) -> Tuple[GRMPCheckpoint, 'GRMPIQA']:
+    """The checkpoint as read, and its whole network with its weights (a compact checkpoint's applied onto its
+    base). ``network``: the network options of a checkpoint that does not carry them."""
     from .archs.grmp_arch import GRMPIQA
 
     source = read_model(checkpoint)
@@ -293,7 +345,47 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, half: bool = False,
                                     'the network options given')
     if 'backbone_pretrained' in network:  # only for a checkpoint without the backbone (official pre-training)
         options['backbone_pretrained'] = network['backbone_pretrained']
-    model = GRMPIQA(**options, pretrained_model_path=checkpoint).eval()
+    return source, GRMPIQA(**options, pretrained_model_path=checkpoint).eval()
+
+
+def export_full_checkpoint(checkpoint: str, path: str, *, half: bool = False,
+                           network: Optional[Mapping[str, Any]] = None) -> str:
+    """Write every tensor of a checkpoint's network (a compact one's applied onto its base) into one file
+    ``{'params': state_dict, 'network': ..., 'base': ...}`` that loads with its path alone and needs no base;
+    ``torch.load(path, weights_only=True)`` reads it, and so does pyiqa's ``load_pretrained_network``."""
+    source, model = _whole_model(checkpoint, network)
+    base = dict(source.base) if source.base else {'pretrained_model_path': os.path.abspath(checkpoint)}
+    atomic_torch_save({'params': _plain_tensors(model.state_dict(), half), 'network': model.network_options(),
+                       'base': base}, path)
+    return path
+
+
+def export(checkpoint: str, out_dir: str, *, full: bool = False, half: bool = False,
+           network: Optional[Mapping[str, Any]] = None) -> str:
+    """Write a GRMP-IQA checkpoint (ours, compact or whole, official, a model folder or ``hf://OWNER/NAME``) in a
+    form to share; returns the path written.
+
+    By default ``out_dir`` becomes a model folder (model.safetensors, config.json, README.md) that
+    ``create_metric('grmp_iqa', pretrained_model_path=out_dir)`` loads with no other option. ``full`` writes one
+    file of the whole network instead (``out_dir`` itself when it ends with ``.pth``, else
+    ``out_dir/model.pth``), for users who want a single file that needs no base weights. ``half`` stores fp16
+    tensors. ``network``: the network options (the ``network:`` section of its training YAML) of a checkpoint
+    written before checkpoints carried them.
+    """
+    checkpoint, out_dir = os.fspath(checkpoint), os.fspath(out_dir)
+    if not checkpoint.startswith(HF_PREFIX) and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f'checkpoint {checkpoint} not found')
+    if not full:
+        return export_checkpoint(checkpoint, out_dir, half=half, network=network)
+    path = out_dir if out_dir.endswith('.pth') else os.path.join(out_dir, FULL_EXPORT_FILE)
+    return export_full_checkpoint(checkpoint, path, half=half, network=network)
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, half: bool = False,
+                      network: Optional[Mapping[str, Any]] = None, summary: Optional[dict] = None) -> str:
+    """Write the model folder of a checkpoint (ours or official, or a model folder). ``network`` gives the network
+    options of a checkpoint that does not carry them (the ``network:`` section of its training YAML)."""
+    source, model = _whole_model(checkpoint, network)
     base = dict(source.base or {})
     if 'file' not in base:  # a checkpoint names the file it started from; a model folder's config has the entry
         base = base_weights_entry(base.get('pretrained_model_path') or checkpoint)

@@ -116,7 +116,7 @@ def test_printed_python_line_loads_the_adapted_model(adapted):
         assert torch.equal(namespace['metric'](images), reference(images))
     saved = torch.load(adapted['out'] / 'model.pth', weights_only=True)['params']
     start = torch.load(adapted['start'], weights_only=True)['params']
-    assert any(not torch.equal(saved[k], start[k]) for k in start)  # fine-tuned, not the start copied
+    assert any(not torch.equal(saved[k], start[k]) for k in saved)  # fine-tuned, not the start copied
 
 
 def test_model_folder_loads_with_its_path_alone_and_gives_the_scores_of_predictions_csv(adapted):

@@ -67,9 +67,15 @@ def _weights(path):
     return torch.load(path, map_location='cpu', weights_only=True)['params']
 
 
+def _base_digest(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['applies_to']['digest']
+
+
 def _assert_same_weights(reference, experiment, files=('net_latest.pth', 'net_best.pth')):
+    """The compact checkpoints hold the same tensors and apply to the same base (its digest)."""
     for name in files:
         expected, got = _weights(reference / 'models' / name), _weights(experiment / 'models' / name)
+        assert _base_digest(reference / 'models' / name) == _base_digest(experiment / 'models' / name)
         assert expected.keys() == got.keys()
         different = [k for k in expected if not torch.equal(expected[k], got[k])]
         assert not different, f'{name}: {len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'

@@ -10,6 +10,7 @@ before anything converts or copies it, so a hostile file costs little more than 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -32,6 +33,31 @@ MAX_CONTAINER_ITEMS = 200_000
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint does not fit the model; the message names the missing and unexpected keys."""
+
+
+class BaseWeightsError(CheckpointMismatchError, ValueError):
+    """A compact checkpoint's base weights are missing or are not the ones it was trained on; the message names
+    the expected base (and the one found). A ValueError too: bad input, which the CLI reports in one line."""
+
+
+#: ``format`` of the ``applies_to`` entry of a compact checkpoint (see :func:`tensor_digest`).
+COMPACT_FORMAT = 'pyiqa_grmp.compact/1'
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """``sha256:HEX`` over the tensors sorted by name: each name, dtype, shape and raw bytes.
+
+    What a compact checkpoint records of the frozen tensors it applies to: it identifies them whatever file or
+    tag they came from (a random initialisation included) and whatever format held them.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach()
+        header = f'{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0'.encode('utf-8')
+        digest.update(len(header).to_bytes(8, 'little'))
+        digest.update(header)
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f'sha256:{digest.hexdigest()}'
 
 
 class UnsafeCheckpointError(CheckpointMismatchError):
@@ -178,6 +204,10 @@ class GRMPCheckpoint:
     network: Optional[Dict[str, Any]] = None
     #: What the file says of the weights it started from (``'base'`` beside ``'params'``), or None.
     base: Optional[Dict[str, Any]] = None
+    #: For a compact checkpoint (``state_dict`` holds only the tensors training changed): the base weights it
+    #: applies to (``'applies_to'`` beside ``'params'``: format, digest of the frozen tensors, where they come
+    #: from); None for a checkpoint of the whole network.
+    applies_to: Optional[Dict[str, Any]] = None
 
 
 def _unwrap(obj: object, path: str) -> Dict[str, torch.Tensor]:
@@ -333,5 +363,5 @@ def read_grmp_checkpoint(path: str) -> GRMPCheckpoint:
     if _is_official(state):
         return convert_official_state_dict(_half_to_float(state), path, container)
     described = {key: raw.get(key) if isinstance(raw, Mapping) and isinstance(raw.get(key), Mapping) else None
-                 for key in ('network', 'base')}
+                 for key in ('network', 'base', 'applies_to')}
     return GRMPCheckpoint(path=path, source='pyiqa_grmp', state_dict=state, container=container, **described)

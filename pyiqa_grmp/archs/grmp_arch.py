@@ -11,9 +11,10 @@ and are computed once, like the text features, and the last block runs the CLS q
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +23,10 @@ from torch import nn
 from ..data.transforms import SquareResize, center_crop, random_crop_and_flip
 from ..precision import PRECISION_DTYPES, autocast, check_precision
 from ..pretrained import DEFAULT_BACKBONE, DEFAULT_VARIANT, get_variant, resolve_weights
-from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, CheckpointMismatchError, GRMPCheckpoint, UnsafeCheckpointError,
-                         mismatch_error, read_grmp_checkpoint)
+from .checkpoint import (OFFICIAL_PROMPT_BUFFERS, BaseWeightsError, CheckpointMismatchError, GRMPCheckpoint,
+                         UnsafeCheckpointError, mismatch_error, read_grmp_checkpoint, tensor_digest)
 from .pickled_module import TorchScriptArchiveError
-from ..model_folder import merge_network_options, read_model
+from ..model_folder import merge_network_options, read_model, read_safetensors
 from .prompts import DeepVisualPrompts, TextPromptLearner
 
 QUALITY_CLASS_NAMES = ('high quality', 'low quality')
@@ -33,6 +34,11 @@ QUALITY_CLASS_NAMES = ('high quality', 'low quality')
 SCENE_NAMES = ('animal', 'cityscape', 'human', 'indoor', 'landscape', 'night', 'plant', 'still_life', 'others')
 
 BackboneSpec = Union[str, Mapping]
+#: Prefixes of the prompt tensors, which a network built without GRMP weights initialises at random.
+PROMPT_PREFIXES = ('prompt_learner.', 'visual_prompts.')
+#: How deep the bases of compact checkpoints may refer to further compact checkpoints (a cycle stops here).
+MAX_BASE_DEPTH = 8
+_base_depth = [0]
 
 
 def build_clip(backbone: BackboneSpec, pretrained: Optional[str]) -> nn.Module:
@@ -73,13 +79,16 @@ def _grmp_backbone_state(path: Optional[str]) -> Optional[Dict[str, torch.Tensor
     if not isinstance(path, str) or not os.path.isfile(path):
         return None
     try:
-        state = read_grmp_checkpoint(path).state_dict
+        checkpoint = read_grmp_checkpoint(path)
+        state = checkpoint.state_dict
     except UnsafeCheckpointError as error:  # a hostile file is refused here, never handed on to open_clip
         if isinstance(error.__cause__, TorchScriptArchiveError):  # OpenAI's own CLIP weights: open_clip's job
             return None
         raise
     except CheckpointMismatchError:  # not a GRMP-IQA state dict: open_clip's job
         return None
+    if checkpoint.applies_to is not None:  # compact: its tensors onto the base it names
+        state = {**base_tensors(read_model(path)), **state}
     prefix = 'clip.'
     backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     return backbone or None
@@ -97,6 +106,67 @@ def _load_strictly(clip: nn.Module, state: Dict[str, torch.Tensor], path: str) -
                              hint='backbone_pretrained takes the backbone of this GRMP-IQA checkpoint, which must '
                                   'match the backbone config')
     clip.load_state_dict(state, strict=True)
+
+
+def _local(path: Any, folders: bool = True) -> Any:
+    """An existing local file (or folder) as an absolute path, so that it names the same file from anywhere;
+    anything else (an open_clip tag, ``hf://...``, None) as given."""
+    if isinstance(path, str) and (os.path.isfile(path) or (folders and os.path.isdir(path))):
+        return os.path.abspath(path)
+    return path
+
+
+def describe_base(base: Mapping[str, Any]) -> str:
+    """The base weights of a compact checkpoint's ``applies_to`` entry, in words."""
+    if 'file' in base:
+        return f'the stored base tensors {base["file"]} (beside the checkpoint, or at {base["path"]})'
+    if base.get('pretrained'):
+        source = base.get('pretrained_model_path') or f'the released weights {base.get("weights")!r}'
+        return f'the GRMP-IQA weights {source}'
+    return f'the backbone weights {base.get("backbone_pretrained")!r}'
+
+
+def base_tensors(checkpoint: GRMPCheckpoint) -> Dict[str, torch.Tensor]:
+    """The frozen tensors of the base that a compact checkpoint applies to: rebuilt from the weights it names
+    (or read from the stored base file) and checked against its digest.
+
+    Raises :class:`BaseWeightsError` naming the expected base when it is missing, and the expected and found
+    digests when it differs.
+    """
+    reference = checkpoint.applies_to
+    base, expected = reference['base'], reference['digest']
+    where = (f'checkpoint {checkpoint.path} holds only the tensors training changed; they apply to '
+             f'{describe_base(base)} (frozen tensors {expected})')
+    if _base_depth[0] >= MAX_BASE_DEPTH:
+        raise BaseWeightsError(f'{where}, whose base refers to further compact checkpoints more than '
+                               f'{MAX_BASE_DEPTH} deep (a cycle?)')
+    _base_depth[0] += 1
+    try:
+        if 'file' in base:
+            beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint.path)), base['file'])
+            candidates = list(dict.fromkeys([beside, base['path']]))
+            found = next((c for c in candidates if os.path.isfile(c)), None)
+            if found is None:
+                raise FileNotFoundError(f'{beside} does not exist' if len(candidates) == 1 else
+                                        f'neither {beside} nor {base["path"]} exists')
+            tensors = read_safetensors(found)
+        else:
+            tensors = GRMPIQA(**checkpoint.network, **base).state_dict()
+    except BaseWeightsError:
+        raise
+    except OSError as error:  # FileNotFoundError, weights not in a cache while offline, a failed download
+        raise BaseWeightsError(f'{where}, which are missing: {type(error).__name__}: {error}'.splitlines()[0] +
+                               '. Put them back where they were, or load a full export of the model '
+                               '(pyiqa-grmp export --full, made where the base is)') from error
+    finally:
+        _base_depth[0] -= 1
+    frozen = {key: value for key, value in tensors.items() if key not in checkpoint.state_dict}
+    found_digest = tensor_digest(frozen)
+    if found_digest != expected:
+        raise BaseWeightsError(f'{where}, but the base found there differs: its frozen tensors are {found_digest} '
+                               f'({len(frozen)} tensors, {reference.get("tensors")} expected). It is not the base '
+                               'this checkpoint was trained on')
+    return frozen
 
 
 def _check_backbone(clip: nn.Module) -> None:
@@ -236,12 +306,23 @@ class GRMPIQA(nn.Module):
         self.register_buffer('scene_token_ids', tokenizer([f'a photo of a {s}' for s in self.scene_names]),
                              persistent=False)
         self._backbone, self._backbone_pretrained = backbone, backbone_pretrained
+        if pretrained:
+            self._weights_recipe: Dict[str, Any] = {'pretrained': True,
+                                                    'pretrained_model_path': _local(pretrained_model_path),
+                                                    'backbone_pretrained': _local(backbone_pretrained, False)}
+            if pretrained_model_path is None:
+                self._weights_recipe['weights'] = weights
+            self._random_keys: Set[str] = set()
+        else:
+            self._weights_recipe = {'pretrained': False, 'backbone_pretrained': _local(backbone_pretrained, False)}
+            self._random_keys = {k for k in self.state_dict() if backbone_pretrained is None
+                                 or k.startswith(PROMPT_PREFIXES)}
         self._options = {'backbone': backbone, 'num_visual_prompts': int(num_visual_prompts), 'n_ctx': int(n_ctx),
                          'class_names': list(class_names), 'scene_names': list(self.scene_names),
                          'resize': self.resize, 'crop': self.crop, 'mean': [float(v) for v in mean],
                          'std': [float(v) for v in std], 'antialias': self.antialias}
         if checkpoint is not None:
-            self._load_checkpoint(checkpoint)
+            self._load_checkpoint(checkpoint, placeholder=True)
 
     def network_options(self) -> Dict[str, object]:
         """The options that rebuild this network (architecture and preprocessing), as plain data: what a
@@ -249,15 +330,43 @@ class GRMPIQA(nn.Module):
         return copy.deepcopy(self._options)
 
     # ------------------------------------------------------------------------------------------------ loading
-    def load_checkpoint(self, path: str) -> None:
-        """Load a checkpoint of ours or an official one (converted), strictly, failing loudly on any mismatch."""
-        self._load_checkpoint(read_model(path))
+    def weights_source(self) -> Tuple[Dict[str, Any], Set[str]]:
+        """Where this network's weights come from, as options of this class that rebuild them (absolute paths),
+        and the names of the tensors initialised at random (which nothing rebuilds)."""
+        return copy.deepcopy(self._weights_recipe), set(self._random_keys)
 
-    def _load_checkpoint(self, checkpoint: GRMPCheckpoint) -> None:
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint of ours or an official one (converted), strictly, failing loudly on any mismatch.
+
+        A compact checkpoint's tensors are applied onto this network when its other tensors are the base the
+        checkpoint names (their digest matches, as on resume), else onto that base, rebuilt.
+        """
+        self._load_checkpoint(read_model(path))
+        self._weights_recipe = {'pretrained': True, 'pretrained_model_path': _local(path),
+                                'backbone_pretrained': _local(self._backbone_pretrained, False)}
+        self._random_keys = set()
+
+    def _onto_base(self, checkpoint: GRMPCheckpoint, placeholder: bool) -> GRMPCheckpoint:
+        """A compact checkpoint completed with its base: this network's frozen tensors when they are that base
+        (never for a ``placeholder``, a network built only to receive weights), else :func:`base_tensors`."""
+        own = self.state_dict()
+        trained = checkpoint.state_dict
+        unexpected = [key for key in trained if key not in own]
+        if unexpected:
+            raise mismatch_error(checkpoint.path, unexpected=unexpected)
+        frozen = {key: value for key, value in own.items() if key not in trained}
+        if placeholder or tensor_digest(frozen) != checkpoint.applies_to['digest']:
+            frozen = base_tensors(checkpoint)
+        return dataclasses.replace(checkpoint, state_dict={**frozen, **trained}, applies_to=None)
+
+    def _load_checkpoint(self, checkpoint: GRMPCheckpoint, placeholder: bool = False) -> None:
         """Load strictly; backbone tensors come from base weights only if the checkpoint carries none of them.
 
         The one tolerated gap is the official pre-training checkpoint, which lacks ``token_embedding.weight``.
+        A compact checkpoint is first completed with its base (:meth:`_onto_base`).
         """
+        if checkpoint.applies_to is not None:
+            checkpoint = self._onto_base(checkpoint, placeholder)
         backbone, backbone_pretrained = self._backbone, self._backbone_pretrained
         expected = self.state_dict()
         state = dict(checkpoint.state_dict)

@@ -1,4 +1,5 @@
-"""``pyiqa-grmp export CHECKPOINT OUT_DIR``: write a checkpoint as a model folder anyone can load by its path."""
+"""``pyiqa-grmp export CHECKPOINT OUT_DIR``: write a checkpoint as a model folder anyone can load by its path, or
+with ``--full`` as one file of the whole network (thin over :func:`pyiqa_grmp.export`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "create_metric('grmp_iqa', pretrained_model_path=OUT_DIR) loads with no other option. "
                     'Nothing in the folder is pickled.')
     parser.add_argument('checkpoint', metavar='CHECKPOINT', help='a .pth checkpoint, a model folder or hf://OWNER/NAME')
-    parser.add_argument('out_dir', metavar='OUT_DIR', help='the model folder to write')
+    parser.add_argument('out_dir', metavar='OUT_DIR', help='the model folder to write (with --full: a .pth file, '
+                                                           'or a folder for OUT_DIR/model.pth)')
+    parser.add_argument('--full', action='store_true',
+                        help='write one .pth file of the whole network ({"params": state_dict, ...}) that needs no '
+                             'base weights, instead of a model folder')
     parser.add_argument('--half', action='store_true',
                         help='store the tensors in fp16 (half the size; scores differ slightly, see the README)')
     parser.add_argument('--network-yaml', metavar='YAML',
@@ -27,8 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export, and print the folder and the line that uses it."""
-    from ..model_folder import export_checkpoint
+    """Export, and print the folder (or file) and the line that uses it."""
+    from ..model_folder import export
     from ..options import load_yaml
 
     network = None
@@ -37,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f'--network-yaml file {args.network_yaml} not found')
         network = load_yaml(args.network_yaml).get('network') or {}
     try:
-        folder = export_checkpoint(args.checkpoint, args.out_dir, half=args.half, network=network)
+        written = export(args.checkpoint, args.out_dir, full=args.full, half=args.half, network=network)
     except CheckpointMismatchError as error:
         print(f'pyiqa-grmp export: error: {error}', file=sys.stderr)
         return 2
-    folder = os.path.abspath(folder)
-    print(f'wrote {folder} (model.safetensors, config.json, README.md)')
-    print(f"use it: pyiqa.create_metric('grmp_iqa', pretrained_model_path={folder!r})")
+    written = os.path.abspath(written)
+    print(f'wrote {written}' + ('' if args.full else ' (model.safetensors, config.json, README.md)'))
+    print(f"use it: pyiqa.create_metric('grmp_iqa', pretrained_model_path={written!r})")
     return 0

@@ -1,13 +1,19 @@
 """What both GRMP-IQA training models share on top of pyiqa's GeneralIQAModel: checkpoint loading (ours and
-official), whole-loader prediction, checkpoint selection on the sum of validation metrics, a resume that
-restores the network weights and each model's own state, and the metrics log (``metrics.jsonl`` next to pyiqa's
-log: every training step and validation, whichever loop drives the model)."""
+official), whole-loader prediction, checkpoint selection on the sum of validation metrics, compact checkpoints,
+a resume that restores the network weights and each model's own state, and the metrics log (``metrics.jsonl``
+next to pyiqa's log: every training step and validation, whichever loop drives the model).
+
+Compact checkpoints: ``net_*.pth`` holds only the tensors training can change (the parameters that require
+gradients: in fine-tuning the text context and the unfrozen blocks, in meta-training the prompts) and, under
+``applies_to``, the base they apply to: the digest of every other tensor and where those come from (the weight
+options that rebuild them, or, for tensors initialised at random, ``base-<digest>.safetensors`` written once
+beside the checkpoints)."""
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -17,10 +23,11 @@ from pyiqa.models.general_iqa_model import GeneralIQAModel
 from pyiqa.utils import get_root_logger
 from torch import nn
 
+from ..archs.checkpoint import COMPACT_FORMAT, tensor_digest
 from ..checkpointing import STATE_FORMAT, ResumeError, atomic_torch_save
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
 from ..metrics_log import METRICS_FILE, MetricsLog
-from ..model_folder import checkpoint_description
+from ..model_folder import checkpoint_description, write_safetensors
 
 
 class TrainingConfigError(ValueError):
@@ -78,6 +85,10 @@ class GRMPBaseModel(GeneralIQAModel):
         writes_log = opt.get('is_train') and opt.get('rank', 0) == 0 and log_folder
         self.metrics_log = MetricsLog(os.path.join(log_folder, METRICS_FILE)) if writes_log else None
         super().__init__(opt)
+        # The base of this run's checkpoints: the network as training starts (pretrain_network loaded, the
+        # trainable set chosen), before any resume replaces its weights.
+        self.base_source = self.get_bare_model(self.net).weights_source()
+        self.applies_to: Optional[dict] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Log every training step of every GRMP model: a subclass's own ``optimize_parameters`` is wrapped so
@@ -199,18 +210,44 @@ class GRMPBaseModel(GeneralIQAModel):
         """True once the model's own rule (e.g. the lr plateau) ended training; the loop then stops."""
         return False
 
+    @staticmethod
+    def trainable_keys(net: nn.Module) -> List[str]:
+        """The state-dict keys of ``net`` that training can change: its parameters that require gradients (a
+        shared parameter under every name). Nothing else changes in training (no buffer is persistent)."""
+        return [key for key, value in net.state_dict(keep_vars=True).items()
+                if isinstance(value, nn.Parameter) and value.requires_grad]
+
+    def compact_reference(self, net: nn.Module) -> dict:
+        """The ``applies_to`` entry of this run's checkpoints (computed at the first save, then kept): the digest
+        of the tensors training does not change and where they come from. Those initialised at random are
+        written once to ``models/base-<digest>.safetensors``, as nothing else could rebuild them."""
+        if self.applies_to is None:
+            trainable = set(self.trainable_keys(net))
+            frozen = {key: value for key, value in net.state_dict().items() if key not in trainable}
+            digest = tensor_digest(frozen)
+            recipe, random_keys = self.base_source
+            if random_keys & frozen.keys():
+                name = f'base-{digest[len("sha256:"):][:16]}.safetensors'
+                path = os.path.abspath(os.path.join(self.opt['path']['models'], name))
+                if not os.path.isfile(path):
+                    write_safetensors(path, frozen)
+                recipe = {'file': name, 'path': path}
+            self.applies_to = {'format': COMPACT_FORMAT, 'digest': digest, 'tensors': len(frozen), 'base': recipe}
+        return self.applies_to
+
     def save_network(self, net: nn.Module, net_label: str, current_iter: Optional[int] = None,
                      param_key: str = 'params') -> None:
-        """``models/<label>[_<iter>|_latest].pth`` as ``{param_key: state_dict, 'network': ..., 'base': ...}``
-        (the network options and starting weights, so that the path alone loads it), written atomically by rank 0."""
+        """``models/<label>[_<iter>|_latest].pth`` as ``{param_key: trainable tensors, 'network': ...,
+        'base': ..., 'applies_to': ...}`` (compact: the network options, starting weights and the base the tensors
+        apply to, so that the path alone loads it), written atomically by rank 0."""
         if self.opt.get('rank', 0) != 0:
             return
         suffix = '' if current_iter is None else '_latest' if current_iter == -1 else f'_{current_iter}'
         bare = self.get_bare_model(net)
-        weights = {key[len('module.'):] if key.startswith('module.') else key: value.detach().cpu()
-                   for key, value in bare.state_dict().items()}
+        state = bare.state_dict()
+        weights = {key: state[key].detach().cpu() for key in self.trainable_keys(bare)}
         described = checkpoint_description(bare, self.opt['network'].get('pretrained_model_path'))
-        atomic_torch_save({param_key: weights, **described},
+        atomic_torch_save({param_key: weights, **described, 'applies_to': self.compact_reference(bare)},
                           os.path.join(self.opt['path']['models'], f'{net_label}{suffix}.pth'))
 
     def save(self, epoch: int, current_iter: int, loop_state: Optional[dict] = None) -> None:
