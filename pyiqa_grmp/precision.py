@@ -83,3 +83,19 @@ def add_precision_option(metric_names: Sequence[str], options: Mapping[str, Mapp
     check_precision(precision)
     check_precision_device(precision, device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return with_precision(options, grmp_metric_names(metric_names, pyiqa_name), precision)
+
+
+#: CPU flags (Linux ``/proc/cpuinfo``) of native bf16 matrix instructions; without them bf16 runs emulated, slower
+#: than fp32.
+CPU_BF16_FLAGS = ('amx_bf16', 'avx512_bf16')
+
+
+def cpu_bf16_flag(cpuinfo: str = '/proc/cpuinfo') -> Optional[str]:
+    """The first of :data:`CPU_BF16_FLAGS` this CPU reports, or None (also where ``cpuinfo`` cannot be read: other
+    systems are not detected, so they train in fp32 unless bf16 is asked for)."""
+    try:
+        with open(cpuinfo) as stream:
+            flags = next((set(line.split(':', 1)[1].split()) for line in stream if line.startswith('flags')), set())
+    except OSError:
+        return None
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)

@@ -23,10 +23,11 @@ from pyiqa_grmp.stats import bootstrap_indices, bootstrap_intervals, correlation
 TINY_NETWORK = {'backbone': TINY_BACKBONE, 'num_visual_prompts': TINY_NUM_PROMPTS}
 
 
-def _run(argv):
-    """main(argv) with its standard output captured; returns (status, output)."""
+def _run(argv, errors=None):
+    """main(argv) with its standard output captured (and its standard error into ``errors``, a StringIO, if
+    given); returns (status, output)."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(errors or io.StringIO()):
         status = main(argv)
     return status, buffer.getvalue()
 
@@ -45,13 +46,14 @@ def adapted(synthetic_workdir, tiny_start, tmp_path_factory):
     """`pyiqa-grmp adapt` on the synthetic dataset: 24 shots, 8 carved out, 20 % held out, 3 epochs."""
     data = synthetic_workdir / 'datasets' / 'synthetic'
     out = tmp_path_factory.mktemp('adapt') / 'run'
+    errors = io.StringIO()
     status, output = _run(['adapt', '--meta-info', str(data / 'meta_info_synthetic.csv'), '--root', str(data),
                            '--out', str(out), '--from', tiny_start['checkpoint'], '--override', tiny_start['override'],
                            '--preset', 'cpu', '--shots', '24', '--num-val', '8', '--device', 'cpu',
-                           '--set', 'train:total_epoch=3'])
+                           '--set', 'train:total_epoch=3'], errors)
     assert status == 0
-    return {'out': out, 'output': output, 'summary': json.loads((out / 'summary.json').read_text()),
-            'start': tiny_start['checkpoint']}
+    return {'out': out, 'output': output, 'errors': errors.getvalue(),
+            'summary': json.loads((out / 'summary.json').read_text()), 'start': tiny_start['checkpoint']}
 
 
 def test_adapt_writes_every_output(adapted):
@@ -144,8 +146,12 @@ def test_printed_cli_line_scores_images(adapted, tmp_path):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
     line = next(l for l in adapted['output'].splitlines() if l.startswith('pyiqa-grmp score grmp_iqa'))
     argv = shlex.split(line.replace('YOUR_IMAGES/', str(tmp_path)))[1:]
+    assert argv[argv.index('--csv') + 1] == 'scores.csv'  # every image's score, not only the printed mean
+    argv[argv.index('--csv') + 1] = str(tmp_path / 'scores.csv')
     status, output = _run(argv + ['--device', 'cpu'])
     assert status == 0 and 'grmp_iqa' in output
+    scores = pd.read_csv(tmp_path / 'scores.csv')
+    assert len(scores) == 2 and scores['grmp_iqa'].between(0, 1).all()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
