@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from pyiqa.utils import get_root_logger
-
 import pyiqa_grmp  # noqa: F401  (registers our types)
 
 from .checkpointing import (capture_rng, check_resume_fingerprint, find_resume_state, load_state,
@@ -361,9 +359,9 @@ def _train_loop(opt: dict, state_path: Optional[str], state: Optional[dict], log
         val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                         sampler=None, seed=opt['manual_seed'])
                        for phase, d in opt['datasets'].items() if phase.startswith('val')]
-    logger.info(f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
-                f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
-                f'{total_iters} iterations')
+    plan = (f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
+            f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
+            f'{total_iters} iterations')
     with trusted_loading():
         model = build_model(opt)
     model.resume_fingerprint = resume_fingerprint(opt)
@@ -376,15 +374,16 @@ def _train_loop(opt: dict, state_path: Optional[str], state: Optional[dict], log
     progress = TrainingProgress(opt['name'], total_iters, current_iter, key_metric=(val_opt or {}).get(
         'key_metric', 'srcc'), print_freq=log_opt['print_freq'], validates=val_opt is not None,
         enabled=show and opt['rank'] == 0)
+    def say(text: str) -> None:  # in the log, and on the console of rank 0
+        logger.info(text)
+        progress.note(text)
+
     try:
-        trainable = trainable_line(model.get_bare_model(model.net))
-        logger.info(trainable)
-        progress.note(trainable)
+        say(plan)
+        say(trainable_line(model.get_bare_model(model.net)))
         if state is not None:
-            resumed = (f'resuming from {state_path}: epoch {start_epoch}, iteration {current_iter}, {position} '
-                       'batches into the epoch')
-            logger.info(resumed)
-            progress.note(resumed)
+            say(f'resuming from {state_path}: epoch {start_epoch}, iteration {current_iter}, {position} batches '
+                'into the epoch')
         progress.note(f'log: {opt["log_file"]}')
         msg_logger = MessageLogger(opt, current_iter + 1, total_iters, tb_logger)
         prefetcher = _prefetcher(train_loader, opt)
@@ -457,7 +456,7 @@ def _train_loop(opt: dict, state_path: Optional[str], state: Optional[dict], log
                     break
 
         if opt['dist']:
-            _check_ranks_agree(model)
+            say(_ranks_agree(model))
         logger.info('end of training; saving net_latest.pth')
         model.save_network(model.net, 'net', -1)
         if val_opt is not None and validated_at != current_iter:  # the weights changed since the last validation
@@ -469,12 +468,12 @@ def _train_loop(opt: dict, state_path: Optional[str], state: Optional[dict], log
             tb_logger.close()
 
 
-def _check_ranks_agree(model) -> None:
+def _ranks_agree(model) -> str:
     """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise):
-    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank."""
+    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank; returns
+    what was compared, in words."""
     compared = check_ranks_hold_the_same(model.synchronised_state())
-    get_root_logger().info(f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by '
-                           'sha256)')
+    return f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by sha256)'
 
 
 @dataclass
