@@ -4,6 +4,7 @@ restores the network weights and each model's own state, and the metrics log (``
 log: every training step and validation, whichever loop drives the model)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -130,6 +131,15 @@ class GRMPBaseModel(GeneralIQAModel):
         """A pyiqa scheduler is optional for these models."""
         if self.opt['train'].get(scheduler_name):
             super().setup_schedulers(scheduler_name)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast of ``train.amp`` (bf16 or fp16) for a training forward; a no-op without it. Losses and
+        gradient rules are computed outside it, in fp32."""
+        from ..precision import PRECISION_DTYPES
+
+        if getattr(self, 'amp', None) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.amp])
 
     def predict(self, dataloader) -> Dict[str, np.ndarray]:
         """Scores and labels of a whole loader, in eval mode, in the precision the model trains in: a ``train.amp:
