@@ -295,14 +295,18 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
 
 def choose_precision(precision: Optional[str], preset: str, device_type: str) -> Tuple[str, str]:
     """The training precision of an adapt run and why, in words: ``precision`` when given (fp32, bf16, or fp16 on
-    CUDA); else the ``cpu`` preset's bf16 on a CPU with bf16 instructions (:func:`~pyiqa_grmp.precision.cpu_bf16_flag`:
-    about 3x faster there, at a score deviation ``benchmarks/adapt_laptop.py`` measures), and fp32 everywhere else
-    (exact; bf16 without those instructions is emulated, slower than fp32)."""
+    CUDA); else the ``cpu`` preset's bf16 on a CPU with bf16 instructions
+    (:func:`~pyiqa_grmp.precision.cpu_bf16_flag`: about 3x faster there, at a score deviation
+    ``benchmarks/adapt_laptop.py`` measures), and fp32 everywhere else (exact; bf16 without those instructions is
+    emulated, slower than fp32)."""
     from .precision import check_precision, check_precision_device, cpu_bf16_flag
 
     if precision is not None:
-        check_precision(precision)
-        check_precision_device(precision, device_type)
+        try:
+            check_precision(precision)
+            check_precision_device(precision, device_type)
+        except ValueError as error:  # their message starts with the word 'precision'
+            raise InvalidArgument('precision', str(error).split(' ', 1)[1]) from None
         if precision == 'bf16' and device_type == 'cpu' and cpu_bf16_flag() is None:
             return precision, ('asked for; this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so it runs '
                                'emulated, slower than fp32')
@@ -324,7 +328,6 @@ def _setting_text(value: object, limit: int = 60) -> str:
     text = '(not set)' if value is _UNSET else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
     text = text[:-len('...')].strip() if text.endswith('...') else text  # safe_dump's end of a plain scalar
     return text if len(text) <= limit else text[:limit - 3] + '...'
-
 
 
 def changed_settings(before: Mapping, after: Mapping, prefix: str = '') -> List[str]:
