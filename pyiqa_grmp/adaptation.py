@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,15 @@ from .stats import bootstrap_gain_intervals, bootstrap_indices, bootstrap_interv
 #: Fewest held-out test images for correlations worth reporting, and fewest carve-out images to choose on.
 MIN_TEST_IMAGES = 10
 MIN_VAL_IMAGES = 3
+#: Warnings of the report (:func:`run_warnings`). A carve-out under FEW_VAL_IMAGES gives a noisy checkpoint
+#: choice. The adapted model "learned nothing" when its held-out scores span less than FLAT_SCORE_SPREAD of the
+#: (0, 1) score range (e.g. 0.4972-0.4989), or when the median of its last STUCK_LOSS_STEPS quality losses is
+#: within STUCK_LOSS_TOLERANCE of ln 2 = 0.6931, the cross-entropy of a model that says 0.5 to every image
+#: whatever its label (the targets spread over [0, 1], so a model that ranks them gets below it).
+FEW_VAL_IMAGES = 10
+FLAT_SCORE_SPREAD = 0.01
+STUCK_LOSS_STEPS = 5
+STUCK_LOSS_TOLERANCE = 0.005
 #: Experiment name of the training run inside RUN_DIR (``RUN_DIR/experiments/adapt``, unless overridden).
 RUN_NAME = 'adapt'
 BOOTSTRAP_RESAMPLES = 2000
@@ -56,15 +65,18 @@ PRESETS: Dict[str, dict] = {
               'max_batch': _PAPER['datasets']['train']['batch_size_per_gpu'], 'save_checkpoint_freq': 500},
     # Same rule, optimiser, trainable parts and batch; 12 epochs instead of up to 2000, validation every 2
     # iterations instead of 5, and the plateau rule's patience 2 validations instead of 6 so it can act.
+    # It also trains (and validates) in bf16 on a CPU with bf16 instructions (see choose_precision).
     'cpu': {'train': dict(PAPER_TRAIN, total_epoch=12,
                           lr_plateau=dict(PAPER_TRAIN['lr_plateau'], patience=2, min_iter=4)),
-            'val_freq': 2, 'max_batch': _PAPER['datasets']['train']['batch_size_per_gpu'], 'save_checkpoint_freq': 6},
+            'val_freq': 2, 'max_batch': _PAPER['datasets']['train']['batch_size_per_gpu'], 'save_checkpoint_freq': 6,
+            'bf16_on_cpu': True},
 }
 PRESET_HELP = {
     'paper': 'the paper\'s settings: SGD lr 1e-3, gradient rule "official" at lambda 5, last 4 blocks trainable, '
              'lr x0.3 after 6 validations without a new best, up to 2000 epochs, validation every 5 iterations',
     'cpu': 'the paper\'s rule, optimiser, trainable parts and batch, but 12 epochs, validation every 2 iterations '
-           'and plateau patience 2: minutes on a laptop CPU at ViT-B/16 for about 50 shots',
+           'and plateau patience 2, in bf16 on a CPU with bf16 instructions: minutes on a laptop CPU at ViT-B/16 '
+           'for about 50 shots',
 }
 
 
@@ -281,11 +293,63 @@ def build_options(labels: LabelledImages, plan: SplitPlan, preset: str, start: s
     }
 
 
+def choose_precision(precision: Optional[str], preset: str, device_type: str) -> Tuple[str, str]:
+    """The training precision of an adapt run and why, in words: ``precision`` when given (fp32, bf16, or fp16 on
+    CUDA); else the ``cpu`` preset's bf16 on a CPU with bf16 instructions
+    (:func:`~pyiqa_grmp.precision.cpu_bf16_flag`: about 3x faster there, at a score deviation
+    ``benchmarks/adapt_laptop.py`` measures), and fp32 everywhere else (exact; bf16 without those instructions is
+    emulated, slower than fp32)."""
+    from .precision import check_precision, check_precision_device, cpu_bf16_flag
+
+    if precision is not None:
+        try:
+            check_precision(precision)
+            check_precision_device(precision, device_type)
+        except ValueError as error:  # their message starts with the word 'precision'
+            raise InvalidArgument('precision', str(error).split(' ', 1)[1]) from None
+        if precision == 'bf16' and device_type == 'cpu' and cpu_bf16_flag() is None:
+            return precision, ('asked for; this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so it runs '
+                               'emulated, slower than fp32')
+        return precision, 'asked for'
+    if PRESETS[preset].get('bf16_on_cpu') and device_type == 'cpu':
+        flag = cpu_bf16_flag()
+        if flag is not None:
+            return 'bf16', f'the {preset} preset on a CPU with {flag}'
+        return 'fp32', f'the {preset} preset; this CPU has no bf16 instructions (avx512_bf16, amx_bf16)'
+    return 'fp32', f'the {preset} preset'
+
+
+_UNSET = object()  # a setting one side of changed_settings does not have
+
+
+def _setting_text(value: object, limit: int = 60) -> str:
+    import yaml
+
+    text = '(not set)' if value is _UNSET else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text[:-len('...')].strip() if text.endswith('...') else text  # safe_dump's end of a plain scalar
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def changed_settings(before: Mapping, after: Mapping, prefix: str = '') -> List[str]:
+    """``section.key: old -> new`` for every setting of ``after`` that differs from ``before`` (mapping by mapping;
+    a setting only one side has reads ``(not set)`` on the other), in the order of the options."""
+    changes = []
+    for key in list(before) + [k for k in after if k not in before]:
+        old, new = before.get(key, _UNSET), after.get(key, _UNSET)
+        name = f'{prefix}{key}'
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += changed_settings(old, new, f'{name}.')
+        elif old is _UNSET or new is _UNSET or old != new:
+            changes.append(f'{name}: {_setting_text(old)} -> {_setting_text(new)}')
+    return changes
+
+
 def usage_lines(model_path: str) -> Dict[str, str]:
-    """The Python and CLI lines that score images with the adapted model (its path alone says what it is)."""
+    """The Python and CLI lines that score images with the adapted model (its path alone says what it is); the CLI
+    line writes every image's score to ``scores.csv`` (without ``--csv`` it prints only their mean)."""
     python = f"metric = pyiqa.create_metric('grmp_iqa', pretrained_model_path={model_path!r})"
     option = shlex.quote(f'grmp_iqa:pretrained_model_path={model_path}')
-    cli = f'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ --metric-opt {option}'
+    cli = f'pyiqa-grmp score grmp_iqa -t YOUR_IMAGES/ --metric-opt {option} --csv scores.csv'
     return {'python': f'import pyiqa, pyiqa_grmp\n{python}\nscore = metric("photo.jpg")  # higher is better',
             'python_create': python, 'cli': cli}
 
@@ -307,6 +371,46 @@ def interval_text(value: float, interval: Sequence[float]) -> str:
     return f'{value:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]'
 
 
+def run_warnings(predictions: np.ndarray, records: Sequence[dict], num_val: int) -> List[str]:
+    """What the report must say about the run: an adapted model that learned nothing (held-out scores with a
+    spread under :data:`FLAT_SCORE_SPREAD`, or a quality loss stuck at ln 2) and a checkpoint chosen on fewer
+    than :data:`FEW_VAL_IMAGES` carve-out images. ``records``: the run's ``metrics.jsonl``."""
+    found = []
+    low, high = float(np.min(predictions)), float(np.max(predictions))
+    if high - low < FLAT_SCORE_SPREAD:
+        found.append(f'the adapted model learned nothing that ranks images: its held-out scores span only '
+                     f'{low:.4f}-{high:.4f} (a spread under {FLAT_SCORE_SPREAD}); check the starting checkpoint '
+                     '(--from), the learning rate and the number of iterations')
+    losses = [float(r['l_quality']) for r in records if r.get('kind') == 'train'
+              and isinstance(r.get('l_quality'), (int, float)) and not isinstance(r.get('l_quality'), bool)]
+    if losses:
+        last = float(np.median(losses[-STUCK_LOSS_STEPS:]))
+        if abs(last - math.log(2)) < STUCK_LOSS_TOLERANCE:
+            found.append(f'the quality loss ended at {last:.4f}, within {STUCK_LOSS_TOLERANCE} of ln 2 = 0.6931 '
+                         '(median of its last steps): the loss of a model that says 0.5 to every image, so it has '
+                         'learned nothing from the shots')
+    if num_val < FEW_VAL_IMAGES:
+        found.append(f'the checkpoint was chosen on {num_val} carve-out images (under {FEW_VAL_IMAGES}): on so few '
+                     'the validation SRCC is mostly noise and the chosen iteration may be chance; use --num-val '
+                     f'{FEW_VAL_IMAGES} or more')
+    return found
+
+
+def _settings_lines(settings: dict) -> List[str]:
+    """The preset, as run: untouched, or with each setting the override file and ``--set`` changed; the precision."""
+    preset, help_text = settings['preset'], PRESET_HELP[settings['preset']]
+    lines = [f'- Preset `{preset}`: {help_text}.']
+    if settings.get('changed'):
+        sources = ', '.join(f'`{source}`' for source in settings.get('changed_by') or [])
+        lines = [f'- Preset `{preset}` ({help_text}), **changed** by {sources}:',
+                 *[f'  - `{change}`' for change in settings['changed']]]
+    elif settings.get('changed_by'):
+        lines.append(f'- {", ".join(f"`{source}`" for source in settings["changed_by"])} changed no setting.')
+    lines.append(f'- Precision: {settings["precision"]} for training and validation ({settings["precision_reason"]}); '
+                 'the held-out scores of this report are fp32.')
+    return lines
+
+
 def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
     counts, data, results = summary['split'], summary['data'], summary['results']
     direction = 'lower is better (DMOS); correlations use the negated labels' if data['lower_better'] else \
@@ -323,8 +427,10 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
     best = summary['training'].get('best')
     best_text = (f'iteration {best["iter"]} (carve-out SRCC {best["srcc"]:.4f}, PLCC {best["plcc"]:.4f})'
                  if best else 'not logged')
+    warnings = summary.get('warnings') or []
     text = [
         '# GRMP-IQA adapted to your images', '',
+        *(['## Warnings', '', *[f'- **{w[0].upper()}{w[1:]}.**' for w in warnings], ''] if warnings else []),
         '## Data', '',
         f'- Labels: {data["description"]}; {data["num_images"]} labelled images; scores from {data["mos_min"]:g} to '
         f'{data["mos_max"]:g}, {direction}.',
@@ -333,12 +439,12 @@ def _report_markdown(summary: dict, lines: Dict[str, str]) -> str:
         '|---|---|---|---|',
         f'| {counts["shots"]} | {counts["val"]} | {counts["test"]} | {counts["unused"]} |', '',
         '## Settings', '',
-        f'- Preset `{settings["preset"]}`: {PRESET_HELP[settings["preset"]]}.',
+        *_settings_lines(settings),
         f'- Started from `{settings["start"]}`.',
         f'- Device: {settings["device"]}; {summary["training"]["iterations"]} training iterations; checkpoint '
         f'chosen on the carve-out at {best_text}.',
-        '- Full training options: `options.yml` (rerun or edit it: `pyiqa-grmp train -opt options.yml`).',
-        *([f'- Changed from the preset: {", ".join(settings["changed"])}.'] if settings['changed'] else []), '',
+        '- Full training options: `options.yml` (rerun or edit it: `pyiqa-grmp train -opt options.yml`); the '
+        'training log: `experiments/adapt/`.', '',
         f'## Held-out results ({counts["test"]} images never used for training or for choosing the checkpoint)', '',
         *table, '',
         f'Intervals: percentile bootstrap over {summary["bootstrap"]["resamples"]} resamples of the held-out images '
@@ -360,7 +466,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
           num_val: Optional[int] = None, start: Optional[str] = None, preset: str = 'paper',
           device: Optional[str] = None, seed: int = 0, mos_lower_better: Optional[bool] = None,
           override_file: Optional[str] = None, overrides: Sequence[str] = (), image_column: Optional[str] = None,
-          score_column: Optional[str] = None, progress: bool = True) -> AdaptResult:
+          score_column: Optional[str] = None, precision: Optional[str] = None, progress: bool = True) -> AdaptResult:
     """Fine-tune GRMP-IQA on labelled images and write model, report and figures into ``out_dir``.
 
     Data: ``meta_info`` a label table (CSV, TSV or .xlsx with a header) with ``root`` its image folder, or
@@ -373,7 +479,10 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     remaining image) to train on. ``start``: the checkpoint to start from (default: ``grmp_iqa``'s default
     weights). ``preset``: 'paper' or 'cpu' (:data:`PRESETS`); ``override_file`` (a YAML mapping) and
     ``overrides`` (``KEY:SUB=VALUE`` strings, values as YAML) change the generated training options.
-    ``device``: 'cpu' or 'cuda' (default: cuda when available). ``progress`` prints the steps on stderr.
+    ``device``: 'cpu' or 'cuda' (default: cuda when available). ``precision``: of training and validation, 'fp32',
+    'bf16' or 'fp16' (CUDA); default the preset's (:func:`choose_precision`: bf16 for the cpu preset on a CPU with
+    bf16 instructions, else fp32); the held-out scores of the report are fp32 either way. ``progress`` prints the
+    steps, the training progress and the warnings (:func:`run_warnings`, also in the report) on stderr.
 
     Every check on the data and options runs before training (ValueError / FileNotFoundError naming the problem).
     Writes model/ (model.safetensors, config.json, README.md), model.pth, report.md, summary.json,
@@ -401,23 +510,32 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
         start = resolve_weights(DEFAULT_VARIANT)  # the metric's default weights; offline: says where to put them
     elif not os.path.isfile(start):
         raise FileNotFoundError(f'start checkpoint {start} not found')
+    run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     options = build_options(labels, plan, preset, start, device, seed)
-    changed = []
+    chosen, precision_reason = choose_precision(precision, preset, run_device)
+    options['train']['amp'] = None if chosen == 'fp32' else chosen
+    preset_options = copy.deepcopy(options)
+    changed_by = []
     if override_file is not None:
         options = merge_options(options, read_override(override_file))
-        changed.append(f'options from `{override_file}`')
+        changed_by.append(f'--override {override_file}')
     for assignment in overrides:
         set_option(options, assignment)
-        changed.append(f'`{assignment}`')
+        changed_by.append(f'--set {assignment}')
     check_option_values(options, 'the training options of adapt (after the override file and overrides)')
     resize = options['network'].get('resize', 244)
     for phase in ('train', 'val'):  # images are stored at the network's resize, whatever it is
         options['datasets'][phase]['resize'] = resize
-    run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    changed = changed_settings(preset_options, options)
+    trained_precision = options['train'].get('amp') or 'fp32'
+    if trained_precision != chosen:
+        precision_reason = 'set by the changes to the preset'
 
     counts = plan.counts()
     _say(progress, f'data: {labels.description}: {len(labels.images)} labelled images; {labels.column_choice}')
     _say(progress, describe_split(counts, seed))
+    _say(progress, f'precision: {trained_precision} for training and validation ({precision_reason}); held-out '
+                   'scores in fp32')
     os.makedirs(out_dir, exist_ok=True)
     roles = np.empty(len(labels.images), dtype=object)
     for role, rows in plan.indices.items():
@@ -430,12 +548,13 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
 
     _say(progress, f'scoring the {counts["test"]} held-out images with the starting model (zero-shot)')
     before = predict_test_split(options, start, run_device)
-    trained = train(options_path, root_path=out_dir)
+    trained = train(options_path, root_path=out_dir, progress=progress)
     experiment = trained.experiment_dir
     if trained.best_checkpoint is None:
         raise FileNotFoundError(f'training wrote no net_best.pth: no validation ran (see {experiment})')
     model_path = os.path.join(out_dir, 'model.pth')
     copy_atomically(trained.best_checkpoint, model_path)
+    _say(progress, f'scoring the {counts["test"]} held-out images with the adapted model')
     after = predict_test_split(options, model_path, run_device)
     if not np.array_equal(before['paths'], after['paths']):
         raise RuntimeError('the held-out images differ between the two evaluations')
@@ -464,12 +583,15 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
                  'mos_max': float(labels.mos.max()), 'lower_better': labels.lower_better},
         'split': counts,
         'settings': {'preset': preset, 'start': os.path.abspath(start), 'device': run_device, 'seed': seed,
-                     'changed': changed},
+                     'precision': trained_precision, 'precision_reason': precision_reason,
+                     'changed': changed, 'changed_by': changed_by},
         'training': {'iterations': max((r['iter'] for r in records if r['kind'] == 'train'), default=0),
                      'best': {k: improved[-1].get(k) for k in ('iter', 'srcc', 'plcc')} if improved else None},
         'results': results,
         'bootstrap': {'resamples': BOOTSTRAP_RESAMPLES, 'seed': seed, 'confidence': 0.95},
         'usage': {'python': lines['python'], 'cli': lines['cli']},
+        'warnings': run_warnings(after['pred'], records, counts['val']),
+        'log_file': trained.log_file,
     }
     write_atomically(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2))
     export_checkpoint(model_path, model_folder, summary=summary)
@@ -479,5 +601,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
                          mos_label=mos_label, titles=('starting model (zero-shot)', 'adapted'))
     report_path = os.path.join(out_dir, 'report.md')
     write_atomically(report_path, _report_markdown(summary, lines))
+    for warning in summary['warnings']:
+        _say(progress, f'warning: {warning} (also in {report_path})')
     return AdaptResult(out_dir=out_dir, model_path=model_path, report_path=report_path, experiment_dir=experiment,
                        summary=summary)

@@ -95,19 +95,31 @@ def add_precision_option(metric_names: Sequence[str], options: Mapping[str, Mapp
     return with_precision(options, grmp_metric_names(metric_names, pyiqa_name), precision)
 
 
-def cpu_has_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
-    """Whether this CPU has bf16 matrix instructions, where bf16 scoring beats fp32: what torch reports (AVX-512
-    BF16, AMX tiles) on x86, else the ``avx512_bf16``, ``amx_bf16`` (x86) or ``bf16`` (Arm) flag of ``cpuinfo``."""
-    probes = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
-    if platform.machine().lower() in ('x86_64', 'amd64') and all(probe is not None for probe in probes):
-        return any(probe() for probe in probes)
+#: CPU flags (``/proc/cpuinfo``) of native bf16 matrix instructions: AMX and AVX-512 BF16 (x86), BF16 (Arm).
+#: Without them bf16 runs emulated, slower than fp32.
+CPU_BF16_FLAGS = ('amx_bf16', 'avx512_bf16', 'bf16')
+
+
+def cpu_bf16_flag(cpuinfo: str = '/proc/cpuinfo') -> Optional[str]:
+    """The first of :data:`CPU_BF16_FLAGS` this CPU has, or None: on x86 as torch probes it (AMX tiles, AVX-512
+    BF16) where this torch can, else from the ``flags`` (x86) or ``Features`` (Arm) line of ``cpuinfo`` (None
+    where it cannot be read: other systems are not detected, and keep fp32 unless bf16 is asked for)."""
+    probes = {flag: getattr(torch.cpu, name, None) for flag, name in (('amx_bf16', '_is_amx_tile_supported'),
+                                                                       ('avx512_bf16', '_is_avx512_bf16_supported'))}
+    if platform.machine().lower() in ('x86_64', 'amd64') and all(probe is not None for probe in probes.values()):
+        return next((flag for flag, probe in probes.items() if probe()), None)
     try:
         with open(cpuinfo) as handle:
             flags = {flag for line in handle if line.lower().startswith(('flags', 'features'))
                      for flag in line.split(':', 1)[-1].split()}
     except OSError:
-        return False
-    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+        return None
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def cpu_has_bf16(cpuinfo: str = '/proc/cpuinfo') -> bool:
+    """Whether this CPU has bf16 matrix instructions (:func:`cpu_bf16_flag`), where bf16 beats fp32."""
+    return cpu_bf16_flag(cpuinfo) is not None
 
 
 def fast_precision(device_type: str) -> Tuple[str, Optional[str]]:

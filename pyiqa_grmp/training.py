@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
+import glob
+import io
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from pyiqa.utils import get_root_logger
-
 import pyiqa_grmp  # noqa: F401  (registers our types)
 
 from .checkpointing import (capture_rng, check_resume_fingerprint, find_resume_state, load_state,
@@ -32,6 +32,7 @@ from .data.samplers import ResumableSampler, SeededItems
 from .distributed import (all_gather_objects, any_rank, barrier, broadcast_object, check_ranks_hold_the_same,
                           get_world_size, init_distributed, launch_environment)
 from .errors import InvalidArgument
+from .progress import MessageLogger, TrainingProgress, run_log, trainable_line, write_line
 from .options import (ConfigError, apply_override, build_argument_parser, dump_yaml, parse_training_argv,
                       prepare_options)
 from .trusted_loading import trusted_loading
@@ -275,22 +276,37 @@ def _resume_state(opt: dict) -> Tuple[Optional[str], Optional[dict]]:
     return (path, load_state(path)) if path else (None, None)
 
 
-def _start_experiment(opt: dict, args, resumed: bool) -> None:
+def _start_experiment(opt: dict, args, resumed: bool) -> Optional[str]:
+    """Create the experiment folders on rank 0 and copy the options there; returns where an existing
+    experiment folder of the same name was moved (pyiqa's ``mkdir_and_rename``), None when there was none. A move
+    is said on stderr, naming both folders: checkpoint paths into the old folder now point into the new run."""
     from pyiqa.utils import make_exp_dirs, mkdir_and_rename
 
     if opt['rank'] != 0:
-        return
+        return None
+    archived = None
     if not resumed:
-        make_exp_dirs(opt)
-        if opt['logger'].get('use_tb_logger') and 'debug' not in opt['name']:
-            os.makedirs(os.path.join(opt['root_path'], 'tb_logger_archived'), exist_ok=True)
-            mkdir_and_rename(os.path.join(opt['root_path'], 'tb_logger', opt['name']))
+        root = opt['path']['experiments_root']
+        existing = os.path.exists(root)
+        before = set(glob.glob(glob.escape(root) + '_archived_*'))
+        with contextlib.redirect_stdout(io.StringIO()):  # pyiqa prints its own line; ours names both folders
+            make_exp_dirs(opt)
+            if opt['logger'].get('use_tb_logger') and 'debug' not in opt['name']:
+                os.makedirs(os.path.join(opt['root_path'], 'tb_logger_archived'), exist_ok=True)
+                mkdir_and_rename(os.path.join(opt['root_path'], 'tb_logger', opt['name']))
+        moved = sorted(set(glob.glob(glob.escape(root) + '_archived_*')) - before)
+        if existing and moved:
+            archived = moved[-1]
+            print(f'an experiment named {opt["name"]!r} existed: moved {root} to {archived}; this run writes '
+                  f'{root}', file=sys.stderr, flush=True)
     for key in ('models', 'training_states'):
         os.makedirs(opt['path'][key], exist_ok=True)
         remove_stale_temporaries(opt['path'][key])
-    header = f'# written {time.asctime()} by pyiqa-grmp train -opt {args.opt}\n# the options as run, overrides applied\n'
+    header = (f'# written {time.asctime()} by pyiqa-grmp train -opt {args.opt}\n'
+              '# the options as run, overrides applied\n')
     write_atomically(os.path.join(opt['path']['experiments_root'], os.path.basename(args.opt)),
                      header + dump_yaml({k: v for k, v in opt.items() if k not in ('dist', 'rank', 'world_size')}))
+    return archived
 
 
 def _tb_logger(opt: dict):
@@ -304,25 +320,35 @@ def _tb_logger(opt: dict):
     return init_tb_logger(log_dir=os.path.join(opt['root_path'], 'tb_logger', opt['name']))
 
 
-def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
+def run_training(opt: dict, args, root_path: str, progress: bool = True) -> Dict[str, Any]:
     """Train ``opt`` (parsed by :func:`parse_training_options`); returns the best validation results.
+
+    Logs into ``experiments/<name>/train_<name>_<time>.log`` (rank 0; the path is left in ``opt['log_file']``);
+    ``progress`` shows the run on stderr (:class:`~pyiqa_grmp.progress.TrainingProgress`, rank 0).
 
     With ``--auto_resume`` (or ``path.resume_state``) the run continues from a training state exactly as if it
     had not stopped. Raises :class:`TrainingInterrupted` after writing a state when SIGTERM/SIGINT asked to stop.
     """
-    from pyiqa.data import build_dataloader, build_dataset
-    from pyiqa.models import build_model
-    from pyiqa.utils import AvgTimer, MessageLogger, get_env_info, get_time_str
-    from pyiqa.utils.options import dict2str
+    from pyiqa.utils import get_time_str
 
     opt['root_path'] = root_path
     torch.backends.cudnn.benchmark = True
     state_path, state = _resume_state(opt)
     if state is not None:
         check_resume_fingerprint(state.get('fingerprint'), resume_fingerprint(opt), state_path)
-    _start_experiment(opt, args, resumed=state is not None)
+    opt['archived_experiment'] = _start_experiment(opt, args, resumed=state is not None)
     log_file = os.path.join(opt['path']['log'], f'train_{opt["name"]}_{get_time_str()}.log')
-    logger = get_root_logger(logger_name='pyiqa', log_level=logging.INFO, log_file=log_file)
+    opt['log_file'] = log_file if opt['rank'] == 0 else None
+    with run_log(log_file, opt['rank']) as logger:
+        return _train_loop(opt, state_path, state, logger, progress)
+
+
+def _train_loop(opt: dict, state_path: Optional[str], state: Optional[dict], logger, show: bool) -> Dict[str, Any]:
+    from pyiqa.data import build_dataloader, build_dataset
+    from pyiqa.models import build_model
+    from pyiqa.utils import AvgTimer, get_env_info
+    from pyiqa.utils.options import dict2str
+
     logger.info(get_env_info())
     logger.info(dict2str(opt))
     tb_logger = _tb_logger(opt)
@@ -333,9 +359,9 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
         val_loaders = [build_dataloader(build_dataset(d), d, num_gpu=opt['num_gpu'], dist=opt['dist'],
                                         sampler=None, seed=opt['manual_seed'])
                        for phase, d in opt['datasets'].items() if phase.startswith('val')]
-    logger.info(f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
-                f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
-                f'{total_iters} iterations')
+    plan = (f'training: {len(train_set)} items x {train_opt.get("dataset_enlarge_ratio", 1)}, batch '
+            f'{train_opt["batch_size_per_gpu"]} per process x {opt["world_size"]}; {total_epochs} epochs, '
+            f'{total_iters} iterations')
     with trusted_loading():
         model = build_model(opt)
     model.resume_fingerprint = resume_fingerprint(opt)
@@ -344,88 +370,110 @@ def run_training(opt: dict, args, root_path: str) -> Dict[str, Any]:
         model.resume_training(state)
         start_epoch, current_iter = int(state['epoch']), int(state['iter'])
         position = int(state.get('loop', {}).get('epoch_position', 0))
-        logger.info(f'resuming from {state_path}: epoch {start_epoch}, iteration {current_iter}, '
-                    f'{position} batches into the epoch')
-    msg_logger = MessageLogger(opt, current_iter, tb_logger)
-    prefetcher = _prefetcher(train_loader, opt)
-    batch = train_loader.batch_size
     log_opt, val_opt = opt['logger'], opt.get('val')
-    data_timer, iter_timer = AvgTimer(), AvgTimer()
-    finished, validated_at = False, None
+    progress = TrainingProgress(opt['name'], total_iters, current_iter, key_metric=(val_opt or {}).get(
+        'key_metric', 'srcc'), print_freq=log_opt['print_freq'], validates=val_opt is not None,
+        enabled=show and opt['rank'] == 0)
+    def say(text: str) -> None:  # in the log, and on the console of rank 0
+        logger.info(text)
+        progress.note(text)
 
-    def save_state(epoch: int) -> str:
-        generators = all_gather_objects(capture_rng()) if opt['dist'] else [capture_rng()]  # one per rank
-        model.save(epoch, current_iter, loop_state={'epoch_position': position, 'rng': generators})
-        return os.path.join(opt['path']['training_states'], f'{current_iter}.state')
+    try:
+        say(plan)
+        say(trainable_line(model.get_bare_model(model.net)))
+        if state is not None:
+            say(f'resuming from {state_path}: epoch {start_epoch}, iteration {current_iter}, {position} batches '
+                'into the epoch')
+        progress.note(f'log: {opt["log_file"]}')
+        msg_logger = MessageLogger(opt, current_iter + 1, total_iters, tb_logger)
+        prefetcher = _prefetcher(train_loader, opt)
+        batch = train_loader.batch_size
+        data_timer, iter_timer = AvgTimer(), AvgTimer()
+        finished, validated_at = False, None
 
-    with stop_requests() as stop:
-        if state is not None and state.get('loop'):
-            restore_rng(state['loop']['rng'][opt['rank']])
-        epoch = start_epoch
-        for epoch in range(start_epoch, total_epochs + 1):
-            sampler.set_epoch(epoch, start=position * batch if epoch == start_epoch else 0)
-            if epoch != start_epoch:
-                position = 0
-            prefetcher.reset()
-            train_data = prefetcher.next()
-            while train_data is not None:
-                data_timer.record()
-                if current_iter >= total_iters:
-                    break
-                current_iter += 1
-                model.feed_data(train_data)
-                model.optimize_parameters(current_iter)
-                position += 1
-                iter_timer.record()
-                if current_iter % log_opt['print_freq'] == 0:
-                    msg_logger({'epoch': epoch, 'iter': current_iter, 'lrs': model.get_current_learning_rate(),
-                                'time': iter_timer.get_avg_time(), 'data_time': data_timer.get_avg_time(),
-                                **model.get_current_log()})
-                if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
-                    for val_loader in val_loaders:
-                        model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
-                    validated_at = current_iter
-                finished, stopping = model.training_finished(), stop['signal']
-                if opt['dist'] and any_rank(bool(stopping), model.device) and not stopping:
-                    stopping = signal.SIGTERM  # another rank was asked to stop: all stop at this iteration
-                if current_iter % log_opt.get('save_checkpoint_freq', math.inf) == 0 or stopping or finished:
-                    logger.info(f'saving the network and training state of iteration {current_iter}')
-                    saved = save_state(epoch)
-                if current_iter % log_opt.get('save_latest_freq', math.inf) == 0:
-                    model.save_network(model.net, 'net', -1)
-                if stopping:
-                    if opt['dist']:
-                        barrier()  # rank 0 has written the state before any rank exits
-                    raise TrainingInterrupted(stopping, current_iter, saved)
-                if finished or ('debug' in opt['name'] and current_iter >= 8):
-                    break
-                data_timer.start()
-                iter_timer.start()
+        def save_state(epoch: int) -> str:
+            generators = all_gather_objects(capture_rng()) if opt['dist'] else [capture_rng()]  # one per rank
+            model.save(epoch, current_iter, loop_state={'epoch_position': position, 'rng': generators})
+            return os.path.join(opt['path']['training_states'], f'{current_iter}.state')
+
+        def validate() -> None:
+            results = {}
+            for val_loader in val_loaders:
+                model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
+                results[val_loader.dataset.opt['name']] = dict(getattr(model, 'metric_results', {}) or {})
+            progress.validated(current_iter, results, getattr(model, 'best_metric_results', {}) or {})
+
+        with stop_requests() as stop:
+            if state is not None and state.get('loop'):
+                restore_rng(state['loop']['rng'][opt['rank']])
+            epoch = start_epoch
+            for epoch in range(start_epoch, total_epochs + 1):
+                sampler.set_epoch(epoch, start=position * batch if epoch == start_epoch else 0)
+                if epoch != start_epoch:
+                    position = 0
+                prefetcher.reset()
                 train_data = prefetcher.next()
-            if finished:
-                break
-            model.update_learning_rate(epoch + 2, warmup_iter=opt['train'].get('warmup_iter', -1))
-            if 'debug' in opt['name'] and epoch >= 2:
-                break
+                while train_data is not None:
+                    data_timer.record()
+                    if current_iter >= total_iters:
+                        break
+                    current_iter += 1
+                    model.feed_data(train_data)
+                    model.optimize_parameters(current_iter)
+                    position += 1
+                    iter_timer.record()
+                    current_log = model.get_current_log()
+                    lrs = model.get_current_learning_rate()
+                    progress.step(current_iter, current_log, max(lrs) if lrs else None)
+                    if current_iter % log_opt['print_freq'] == 0:
+                        msg_logger({'epoch': epoch, 'iter': current_iter, 'lrs': lrs,
+                                    'time': iter_timer.get_avg_time(), 'data_time': data_timer.get_avg_time(),
+                                    **current_log})
+                    if val_opt is not None and current_iter % val_opt['val_freq'] == 0:
+                        validate()
+                        validated_at = current_iter
+                    finished, stopping = model.training_finished(), stop['signal']
+                    if opt['dist'] and any_rank(bool(stopping), model.device) and not stopping:
+                        stopping = signal.SIGTERM  # another rank was asked to stop: all stop at this iteration
+                    if current_iter % log_opt.get('save_checkpoint_freq', math.inf) == 0 or stopping or finished:
+                        logger.info(f'saving the network and training state of iteration {current_iter}')
+                        saved = save_state(epoch)
+                    if current_iter % log_opt.get('save_latest_freq', math.inf) == 0:
+                        model.save_network(model.net, 'net', -1)
+                    if stopping:
+                        if opt['dist']:
+                            barrier()  # rank 0 has written the state before any rank exits
+                        raise TrainingInterrupted(stopping, current_iter, saved)
+                    if finished or ('debug' in opt['name'] and current_iter >= 8):
+                        break
+                    data_timer.start()
+                    iter_timer.start()
+                    train_data = prefetcher.next()
+                if finished:
+                    break
+                model.update_learning_rate(epoch + 2, warmup_iter=opt['train'].get('warmup_iter', -1))
+                if 'debug' in opt['name'] and epoch >= 2:
+                    break
 
-    if opt['dist']:
-        _check_ranks_agree(model)
-    logger.info('end of training; saving net_latest.pth')
-    model.save_network(model.net, 'net', -1)
-    if val_opt is not None and validated_at != current_iter:  # the weights changed since the last validation
-        for val_loader in val_loaders:
-            model.validation(val_loader, current_iter, tb_logger, val_opt.get('save_img', False))
-    if tb_logger:
-        tb_logger.close()
-    return model.best_metric_results
+        if opt['dist']:
+            say(_ranks_agree(model))
+        logger.info('end of training; saving net_latest.pth')
+        model.save_network(model.net, 'net', -1)
+        if val_opt is not None and validated_at != current_iter:  # the weights changed since the last validation
+            validate()
+        return model.best_metric_results
+    finally:
+        progress.close()
+        if tb_logger:
+            tb_logger.close()
 
 
-def _check_ranks_agree(model) -> None:
+def _ranks_agree(model) -> str:
     """Fail loudly if the ranks ended with different weights (a synchronisation bug would be silent otherwise):
-    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank."""
+    every tensor the model declares synchronised is compared bit for bit, by its sha256 on each rank; returns
+    what was compared, in words."""
     compared = check_ranks_hold_the_same(model.synchronised_state())
-    get_root_logger().info(f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by '
-                           'sha256)')
+    return f'weights identical on all {get_world_size()} ranks ({compared} tensors compared by sha256)'
 
 
 @dataclass
@@ -437,32 +485,50 @@ class TrainResult:
     latest_checkpoint: str  # models/net_latest.pth, the weights at the end
     best: Dict[str, Any] = field(default_factory=dict)  # per validation set and metric: {'val': ..., 'iter': ...}
     curves: Optional[str] = None  # curves.png, drawn from metrics.jsonl (rank 0 only)
+    log_file: Optional[str] = None  # the run's log (options, architecture, every step); rank 0 only
+    archived: Optional[str] = None  # where an experiment folder of the same name was moved, if there was one
+    key_metric: str = 'srcc'  # val.key_metric
+
+    def best_text(self) -> Optional[str]:
+        """``best: PATH (srcc 0.8123 at iteration 40)``; None when no validation ran."""
+        if self.best_checkpoint is None:
+            return None
+        found = next((metrics[self.key_metric] for metrics in self.best.values() if self.key_metric in metrics),
+                     None)
+        if found is None:
+            return f'best: {self.best_checkpoint}'
+        return f'best: {self.best_checkpoint} ({self.key_metric} {found["val"]:.4f} at iteration {found["iter"]})'
 
 
 def train(options: Options, overrides: Sequence[str] = (), *, auto_resume: bool = False, launcher: str = 'none',
-          debug: bool = False, root_path: Optional[str] = None) -> TrainResult:
+          debug: bool = False, root_path: Optional[str] = None, progress: bool = True) -> TrainResult:
     """Train GRMP-IQA (or any model of pyiqa's registries) from pyiqa-style training options.
 
     ``options``: a mapping as a training YAML holds it (``name``, ``model_type``, ``network``, ``datasets``,
     ``train``, ``val``, ``path``, ``logger``; see ``configs/``) or the path of such a YAML, read as plain data.
     ``overrides``: ``KEY:SUB=VALUE`` strings, values as YAML (``--force_yml``), e.g. ``'train:total_epoch=5'``.
-    The experiment lands in ``root_path`` (default: the current folder) under ``experiments/<name>``.
+    The experiment lands in ``root_path`` (default: the current folder) under ``experiments/<name>``; an existing
+    folder of that name is moved aside (``<name>_archived_<time>``), which is said on stderr.
     ``auto_resume`` continues from the newest usable training state, exactly as if the run had not stopped.
     ``launcher``: 'none', or 'pytorch' / 'slurm' to join the process group of torchrun / srun. ``debug`` is
     pyiqa's debug mode (a few iterations). SIGTERM / SIGINT write a training state and raise
-    :class:`TrainingInterrupted`; a malformed configuration raises ValueError before anything runs.
+    :class:`TrainingInterrupted`; a malformed configuration raises ValueError before anything runs. ``progress``
+    shows the run on stderr (a bar on a terminal, a line per validation otherwise); everything is logged to the
+    run's log file (:attr:`TrainResult.log_file`).
     """
     from .reporting import plot_run_curves
 
     root_path = root_path or os.getcwd()
     opt, args = _prepared(*read_training_options(options, overrides, launcher, auto_resume, debug), root_path)
-    best = run_training(opt, args, root_path)
+    best = run_training(opt, args, root_path, progress)
     models = opt['path']['models']
     best_checkpoint = os.path.join(models, 'net_best.pth')
     return TrainResult(experiment_dir=opt['path']['experiments_root'],
                        best_checkpoint=best_checkpoint if os.path.isfile(best_checkpoint) else None,
                        latest_checkpoint=os.path.join(models, 'net_latest.pth'), best=best,
-                       curves=plot_run_curves(opt))
+                       curves=plot_run_curves(opt), log_file=opt.get('log_file'),
+                       archived=opt.get('archived_experiment'),
+                       key_metric=(opt.get('val') or {}).get('key_metric', 'srcc'))
 
 
 # -------------------------------------------------------------------------------------------------- protocol
@@ -540,8 +606,8 @@ def run_protocol(options: Options, overrides: Sequence[str] = (), *, runs: int =
         best = os.path.join(opt['path']['models'], 'net_best.pth')
         result = evaluate_checkpoint(opt['network'], best, test_opt, device=device)
         rows.append({'run': run, 'split_seed': seed, **result, 'checkpoint': best})
-        get_root_logger().info(f'protocol run {run}: split_seed {seed}  test SRCC {result["srcc"]:.4f}  '
-                               f'PLCC {result["plcc"]:.4f}')
+        write_line(f'protocol run {run}: split_seed {seed}  test SRCC {result["srcc"]:.4f}  PLCC '
+                   f'{result["plcc"]:.4f}')
     if world_size > 1:
         rows = sorted((row for part in all_gather_objects(rows) for row in part), key=lambda row: row['run'])
     table = pd.DataFrame(rows)

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 
 import numpy as np
@@ -18,15 +19,17 @@ from conftest import make_tiny_model
 from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS
 from pyiqa_grmp.adaptation import BOOTSTRAP_RESAMPLES
 from pyiqa_grmp.cli import main
+from pyiqa_grmp.metrics_log import read_metrics
 from pyiqa_grmp.stats import bootstrap_indices, bootstrap_intervals, correlation_values
 
 TINY_NETWORK = {'backbone': TINY_BACKBONE, 'num_visual_prompts': TINY_NUM_PROMPTS}
 
 
-def _run(argv):
-    """main(argv) with its standard output captured; returns (status, output)."""
+def _run(argv, errors=None):
+    """main(argv) with its standard output captured (and its standard error into ``errors``, a StringIO, if
+    given); returns (status, output)."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(errors or io.StringIO()):
         status = main(argv)
     return status, buffer.getvalue()
 
@@ -45,13 +48,14 @@ def adapted(synthetic_workdir, tiny_start, tmp_path_factory):
     """`pyiqa-grmp adapt` on the synthetic dataset: 24 shots, 8 carved out, 20 % held out, 3 epochs."""
     data = synthetic_workdir / 'datasets' / 'synthetic'
     out = tmp_path_factory.mktemp('adapt') / 'run'
+    errors = io.StringIO()
     status, output = _run(['adapt', '--meta-info', str(data / 'meta_info_synthetic.csv'), '--root', str(data),
                            '--out', str(out), '--from', tiny_start['checkpoint'], '--override', tiny_start['override'],
                            '--preset', 'cpu', '--shots', '24', '--num-val', '8', '--device', 'cpu',
-                           '--set', 'train:total_epoch=3'])
+                           '--set', 'train:total_epoch=3'], errors)
     assert status == 0
-    return {'out': out, 'output': output, 'summary': json.loads((out / 'summary.json').read_text()),
-            'start': tiny_start['checkpoint']}
+    return {'out': out, 'output': output, 'errors': errors.getvalue(),
+            'summary': json.loads((out / 'summary.json').read_text()), 'start': tiny_start['checkpoint']}
 
 
 def test_adapt_writes_every_output(adapted):
@@ -144,8 +148,12 @@ def test_printed_cli_line_scores_images(adapted, tmp_path):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
     line = next(l for l in adapted['output'].splitlines() if l.startswith('pyiqa-grmp score grmp_iqa'))
     argv = shlex.split(line.replace('YOUR_IMAGES/', str(tmp_path)))[1:]
+    assert argv[argv.index('--csv') + 1] == 'scores.csv'  # every image's score, not only the printed mean
+    argv[argv.index('--csv') + 1] = str(tmp_path / 'scores.csv')
     status, output = _run(argv + ['--device', 'cpu'])
     assert status == 0 and 'grmp_iqa' in output
+    scores = pd.read_csv(tmp_path / 'scores.csv')
+    assert len(scores) == 2 and scores['grmp_iqa'].between(0, 1).all()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -245,3 +253,82 @@ def test_batch_is_all_shots_up_to_the_preset_limit_then_equal_parts(shots, batch
     from pyiqa_grmp.adaptation import batch_size
 
     assert batch_size(shots, 50) == batch
+
+
+# --------------------------------------------------------------------------------- what the run shows and says
+def test_adapt_console_shows_the_trainable_count_and_one_line_per_validation(adapted):
+    errors = adapted['errors']
+    assert len(re.findall(r'^trainable: [\d,]+ of [\d,]+ parameters \(.*prompt_learner.*\)$', errors, re.M)) == 1
+    assert 'will not be optimized' not in errors and 'Network:' not in errors and '-1 day' not in errors
+    records = read_metrics(os.path.join(os.path.dirname(adapted['summary']['log_file']), 'metrics.jsonl'))
+    validations = [r['iter'] for r in records if r['kind'] == 'val']
+    lines = re.findall(r'^adapt: iter (\d+)/\d+  elapsed .* val srcc -?\d\.\d{4}', errors, re.M)
+    assert [int(i) for i in lines] == validations
+
+
+def test_adapt_run_log_holds_the_options_architecture_and_frozen_parameters(adapted):
+    log = open(adapted['summary']['log_file']).read()
+    assert 'Network: GRMPIQA' in log and 'will not be optimized' in log and 'num_shots: 24' in log
+
+
+def test_small_carve_out_is_warned_on_the_console_and_in_the_report(adapted):
+    warning = next(w for w in adapted['summary']['warnings'] if 'carve-out' in w)
+    assert 'chosen on 8 carve-out images (under 10)' in warning
+    assert f'warning: {warning}' in adapted['errors']
+    report = (adapted['out'] / 'report.md').read_text()
+    assert '## Warnings' in report and warning[1:] in report
+
+
+def test_report_lists_each_setting_that_override_and_set_changed(adapted):
+    report = (adapted['out'] / 'report.md').read_text()
+    assert '**changed** by `--override ' in report and '`--set train:total_epoch=3`' in report
+    assert '  - `train.total_epoch: 12 -> 3`' in report and '  - `network.num_visual_prompts: 100 -> 5`' in report
+    assert adapted['summary']['settings']['changed'][-1] == 'train.total_epoch: 12 -> 3'
+
+
+def test_adapt_trains_in_the_precision_its_preset_chooses_for_this_cpu(adapted):
+    from pyiqa_grmp.precision import cpu_bf16_flag
+
+    options = yaml.safe_load((adapted['out'] / 'options.yml').read_text())
+    expected = 'bf16' if cpu_bf16_flag() else 'fp32'
+    assert (options['train']['amp'] or 'fp32') == adapted['summary']['settings']['precision'] == expected
+    assert f'precision: {expected} for training and validation' in adapted['errors']
+
+
+@pytest.mark.parametrize('predictions, losses, expected', [
+    (np.linspace(0.4972, 0.4989, 42), [0.75, 0.70, 0.65, 0.60, 0.58], 'learned nothing that ranks images'),
+    (np.linspace(0.2, 0.8, 42), [0.72, 0.6933, 0.6929, 0.6935, 0.6931, 0.6930], 'within 0.005 of ln 2'),
+    (np.linspace(0.2, 0.8, 42), [0.75, 0.70, 0.65, 0.60, 0.58], None),
+])
+def test_a_model_that_learned_nothing_is_warned(predictions, losses, expected):
+    from pyiqa_grmp.adaptation import run_warnings
+
+    records = [{'kind': 'train', 'iter': i, 'l_quality': loss} for i, loss in enumerate(losses, 1)]
+    found = run_warnings(predictions, records, num_val=20)
+    assert [expected in w for w in found] == ([True] if expected else [])
+
+
+@pytest.mark.parametrize('asked, preset, device, flag, expected', [
+    (None, 'paper', 'cpu', 'avx512_bf16', 'fp32'), (None, 'cpu', 'cpu', None, 'fp32'),
+    (None, 'cpu', 'cuda', 'amx_bf16', 'fp32'), (None, 'cpu', 'cpu', 'amx_bf16', 'bf16'),
+    ('bf16', 'paper', 'cpu', None, 'bf16'), ('fp32', 'cpu', 'cpu', 'avx512_bf16', 'fp32'),
+])
+def test_training_is_fp32_unless_bf16_is_asked_for_or_the_cpu_preset_finds_bf16(asked, preset, device, flag, expected,
+                                                                                 monkeypatch):
+    from pyiqa_grmp import precision
+    from pyiqa_grmp.adaptation import choose_precision
+
+    monkeypatch.setattr(precision, 'cpu_bf16_flag', lambda: flag)
+    assert choose_precision(asked, preset, device)[0] == expected
+
+
+def test_cpu_bf16_flag_reads_the_flags_of_cpuinfo_where_torch_cannot_probe(tmp_path, monkeypatch):
+    import torch
+
+    from pyiqa_grmp.precision import cpu_bf16_flag
+
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported', raising=False)
+    (tmp_path / 'with').write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n')
+    (tmp_path / 'without').write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f\n')
+    assert cpu_bf16_flag(str(tmp_path / 'with')) == 'avx512_bf16'
+    assert cpu_bf16_flag(str(tmp_path / 'without')) is None and cpu_bf16_flag(str(tmp_path / 'absent')) is None

@@ -1,5 +1,7 @@
 """GRMPFinetuneModel: one step, the teacher, resume, and an end-to-end smoke run through `pyiqa-grmp train`."""
+import contextlib
 import copy
+import io
 import os
 from pathlib import Path
 
@@ -139,10 +141,11 @@ def test_fewer_shots_than_the_batch_still_train(synthetic_workdir, capsys):
 @pytest.fixture(scope='module')
 def smoke_run(synthetic_workdir):
     """`pyiqa-grmp train -opt configs/smoke/finetune_synthetic.yml` in the working directory (about a minute)."""
-    cwd = os.getcwd()
+    cwd, output = os.getcwd(), io.StringIO()
     os.chdir(synthetic_workdir)
     try:
-        assert main(['train', '-opt', str(CONFIG)]) == 0
+        with contextlib.redirect_stdout(output):
+            assert main(['train', '-opt', str(CONFIG)]) == 0
     finally:
         os.chdir(cwd)
     opt = yaml.safe_load(CONFIG.read_text())
@@ -150,7 +153,15 @@ def smoke_run(synthetic_workdir):
     test_opt = dict(opt['datasets']['train'], phase='test', name='synthetic_test',
                     dataroot_target=str(synthetic_workdir / 'datasets' / 'synthetic'),
                     meta_info_file=str(synthetic_workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv'))
-    return {'opt': opt, 'experiment': experiment, 'test_opt': test_opt}
+    return {'opt': opt, 'experiment': experiment, 'test_opt': test_opt, 'output': output.getvalue()}
+
+
+def test_train_ends_with_the_best_checkpoint_its_srcc_and_iteration(smoke_run):
+    from pyiqa_grmp.metrics_log import read_metrics
+
+    best = [r for r in read_metrics(str(smoke_run['experiment'] / 'metrics.jsonl')) if r.get('improved')][-1]
+    assert smoke_run['output'].splitlines()[-1] == (f'best: {smoke_run["experiment"] / "models" / "net_best.pth"} '
+                                                    f'(srcc {best["srcc"]:.4f} at iteration {best["iter"]})')
 
 
 def test_smoke_finetuning_beats_the_untrained_model_on_the_test_split(smoke_run, tmp_path):

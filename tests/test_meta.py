@@ -1,5 +1,6 @@
 """Meta-prompt pre-training: distortion tasks, the outer step, what changes, both modes, the smoke run."""
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -196,6 +197,23 @@ def test_each_task_starts_from_theta_only_in_reptile_mode(synthetic_workdir, mod
         model.optimize_parameters(iteration)
         starts_from_theta = all(torch.equal(a, b) for a, b in zip(starts[-1], theta_now))
         assert starts_from_theta == (mode == 'reptile' or iteration == 1)
+
+
+def test_a_bf16_task_step_gives_finite_losses_and_fp32_prompts(synthetic_workdir):
+    opt = _options(synthetic_workdir)
+    opt['train']['amp'] = 'bf16'
+    model = build_model(opt)
+    _feed_task(model, opt)
+    model.optimize_parameters(1)
+    assert set(model.log_dict) == {'l_support', 'l_query'} and all(math.isfinite(v) for v in model.log_dict.values())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.prompt_params)
+
+
+def test_fp16_meta_training_is_refused(synthetic_workdir):
+    opt = _options(synthetic_workdir)
+    opt['train']['amp'] = 'fp16'
+    with pytest.raises(TrainingConfigError, match='train.amp of meta-training must be null or bf16'):
+        build_model(opt)
 
 
 def test_unknown_meta_mode_fails_before_training(synthetic_workdir):

@@ -51,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stopped:
         print(f'pyiqa-grmp train: {stopped}', file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by signal N"
-    if result.best_checkpoint:
-        print(f'best checkpoint: {result.best_checkpoint}')
+    if result.best_text():
+        print(result.best_text())  # best: PATH (srcc X at iteration N)
     return 0

@@ -10,6 +10,7 @@ options that rebuild them, or, for tensors initialised at random, ``base-<digest
 beside the checkpoints)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -142,9 +143,32 @@ class GRMPBaseModel(GeneralIQAModel):
         if self.opt['train'].get(scheduler_name):
             super().setup_schedulers(scheduler_name)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast of ``train.amp`` (bf16 or fp16) for a training forward; a no-op without it. Losses and
+        gradient rules are computed outside it, in fp32."""
+        from ..precision import PRECISION_DTYPES
+
+        if getattr(self, 'amp', None) is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.amp])
+
     def predict(self, dataloader) -> Dict[str, np.ndarray]:
-        """Scores and labels of a whole loader, in eval mode."""
-        return predict_loader(self.get_bare_model(self.net), dataloader, self.device)
+        """Scores and labels of a whole loader, in eval mode, in the precision the model trains in: a ``train.amp:
+        bf16`` run validates with the network's bf16 scoring (:mod:`pyiqa_grmp.precision`), which is most of the
+        speed-up on a CPU with bf16 instructions; fp16 off CUDA, which scoring refuses, validates in fp32."""
+        from ..precision import check_precision_device
+
+        net = self.get_bare_model(self.net)
+        precision = getattr(self, 'amp', None) or 'fp32'
+        try:
+            check_precision_device(precision, self.device.type)
+        except ValueError:
+            precision = 'fp32'
+        previous, net.precision = net.precision, precision
+        try:
+            return predict_loader(net, dataloader, self.device)
+        finally:
+            net.precision = previous
 
     # -------------------------------------------------------------------------------------- several ranks
     def model_to_device(self, net: nn.Module) -> nn.Module:

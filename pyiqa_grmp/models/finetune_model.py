@@ -6,7 +6,6 @@ same graph); :func:`~pyiqa_grmp.gradreg.regularize_gradients` combines them tens
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections import OrderedDict
 from typing import List
@@ -121,12 +120,6 @@ class GRMPFinetuneModel(GRMPBaseModel):
         return trainable
 
     # ---------------------------------------------------------------------------------------- training
-    def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == 'bf16' else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
     def optimize_parameters(self, current_iter: int) -> None:
         if self.plateau_state['stopped']:
             return  # finished by the plateau rule: the remaining iterations of pyiqa's loop do nothing

@@ -38,12 +38,16 @@ class GRMPMetaPromptModel(GRMPBaseModel):
     """pyiqa model for meta-prompt pre-training (``model_type: GRMPMetaPromptModel``).
 
     YAML: ``train.optim`` is the inner optimiser (the paper: Adam, lr 1e-4; its state starts fresh for every
-    task); ``train.meta: {mode, outer_step, support_ratio, support_batch, query_batch, seed}``. Training data:
+    task); ``train.meta: {mode, outer_step, support_ratio, support_batch, query_batch, seed}``; ``train.amp:
+    null | bf16`` (bf16 autocast of the towers in the inner steps and validation, the loss in fp32). Training data:
     a ``DistortionTaskDataset`` with ``batch_size_per_gpu: 1``; validation: any NR dataset.
     """
 
     def __init__(self, opt: dict) -> None:
         self.meta = merged_options(DEFAULT_META, (opt.get('train') or {}).get('meta'), 'meta')
+        self.amp = (opt.get('train') or {}).get('amp')
+        if self.amp not in (None, 'bf16'):  # fp16 would need a gradient scaler for every inner step
+            raise TrainingConfigError(f'train.amp of meta-training must be null or bf16, got {self.amp!r}')
         if self.meta['mode'] not in META_MODES:
             raise TrainingConfigError(f'train.meta.mode must be one of {META_MODES}, got {self.meta["mode"]!r}')
         if not 0 < self.meta['outer_step'] <= 1:
@@ -134,7 +138,9 @@ class GRMPMetaPromptModel(GRMPBaseModel):
 
     def _inner_step(self, net, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.cri_quality(net.score_pixels(pixels), labels)
+        with self._autocast():
+            score = net.score_pixels(pixels)
+        loss = self.cri_quality(score, labels)  # in fp32
         loss.backward()
         self.optimizer.step()
         return loss.detach()
