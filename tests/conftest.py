@@ -1,5 +1,22 @@
-"""Test configuration: offline, tiny models, checkpoints written by the tests themselves."""
+"""Test configuration: offline, tiny models, checkpoints written by the tests themselves.
+
+Shared fixtures (the expensive setups live here, built once and used by every module that needs them):
+
+- ``tiny_model`` / ``make_tiny_model``: a tiny random GRMPIQA (``grmp_test_utils.tiny_model_kwargs``).
+- ``tiny_checkpoint`` (session): that model saved in this package's format.
+- ``synthetic_workdir`` (session): the synthetic dataset (128 px) where the smoke configs expect it; every training
+  test runs there, each experiment under its own name.
+- ``smoke_backbone`` (session): ``pyiqa-grmp train -opt configs/smoke/backbone_synthetic.yml`` in that folder,
+  the smoke chain's base backbone. It is also the suite's full smoke fine-tuning run (test_finetune.py): it is
+  ``finetune_synthetic.yml`` with other words as its two classes, so one run serves both (the slowest setup of
+  the suite, trained once).
+
+The commands a test launches go through ``grmp_test_utils`` (``run_command``, ``start_command``,
+``torchrun_command``, ``run_main`` for a command in this process); see tests/README.md for what is launched and
+why.
+"""
 import os
+from pathlib import Path
 
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
@@ -56,3 +73,21 @@ def synthetic_workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp('work')
     make_synthetic_dataset(str(root / 'datasets' / 'synthetic'), seed=0, size=128)
     return root
+
+
+SMOKE_CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
+
+
+@pytest.fixture(scope='session')
+def smoke_backbone(synthetic_workdir) -> Path:
+    """The experiment folder of ``pyiqa-grmp train -opt configs/smoke/backbone_synthetic.yml`` run in
+    ``synthetic_workdir`` (300 steps of 96 shots: the slowest setup of the suite, so it is run once)."""
+    from pyiqa_grmp.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(synthetic_workdir)
+    try:
+        assert main(['train', '-opt', str(SMOKE_CONFIGS / 'backbone_synthetic.yml')]) == 0
+    finally:
+        os.chdir(cwd)
+    return synthetic_workdir / 'experiments' / 'smoke_backbone_synthetic'

@@ -136,21 +136,20 @@ def test_fewer_shots_than_the_batch_still_train(synthetic_workdir, capsys):
 
 
 # ----------------------------------------------------------------------------------------- end to end
+#: The full smoke fine-tuning run: configs/smoke/backbone_synthetic.yml is finetune_synthetic.yml (300 epochs of 96
+#: shots from random weights, everything of the tiny CLIP trainable) with other words as its two classes; it is
+#: trained once for the suite (conftest's ``smoke_backbone``), as the smoke chain's base backbone and as this.
+SMOKE_CONFIG = CONFIG.parent / 'backbone_synthetic.yml'
+
+
 @pytest.fixture(scope='module')
-def smoke_run(synthetic_workdir):
-    """`pyiqa-grmp train -opt configs/smoke/finetune_synthetic.yml` in the working directory (about a minute)."""
-    cwd = os.getcwd()
-    os.chdir(synthetic_workdir)
-    try:
-        assert main(['train', '-opt', str(CONFIG)]) == 0
-    finally:
-        os.chdir(cwd)
-    opt = yaml.safe_load(CONFIG.read_text())
-    experiment = synthetic_workdir / 'experiments' / opt['name']
+def smoke_run(synthetic_workdir, smoke_backbone):
+    """`pyiqa-grmp train -opt configs/smoke/backbone_synthetic.yml` in the working directory (about a minute)."""
+    opt = yaml.safe_load(SMOKE_CONFIG.read_text())
     test_opt = dict(opt['datasets']['train'], phase='test', name='synthetic_test',
                     dataroot_target=str(synthetic_workdir / 'datasets' / 'synthetic'),
                     meta_info_file=str(synthetic_workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv'))
-    return {'opt': opt, 'experiment': experiment, 'test_opt': test_opt}
+    return {'opt': opt, 'experiment': smoke_backbone, 'test_opt': test_opt}
 
 
 def test_smoke_finetuning_beats_the_untrained_model_on_the_test_split(smoke_run, tmp_path):
@@ -188,7 +187,7 @@ def test_auto_resume_restores_the_network_on_cpu(smoke_run, synthetic_workdir):
     cwd = os.getcwd()
     os.chdir(synthetic_workdir)
     try:
-        assert main(['train', '-opt', str(CONFIG), '--auto_resume']) == 0
+        assert main(['train', '-opt', str(SMOKE_CONFIG), '--auto_resume']) == 0
     finally:
         os.chdir(cwd)
     # Nothing is left to train after the last state, so the saved latest network must be the restored one.
@@ -204,7 +203,7 @@ def test_protocol_runs_each_split_and_writes_tables(synthetic_workdir, select, c
     os.chdir(synthetic_workdir)
     try:
         assert main(['protocol', '-opt', str(CONFIG), '--runs', '2', '--select', select,
-                     '--force_yml', 'train:total_epoch=10', 'val:val_freq=5', f'name=protocol_{select}',
+                     '--force_yml', 'train:total_epoch=2', 'val:val_freq=1', f'name=protocol_{select}',
                      '--out', f'protocol_{select}']) == 0
     finally:
         os.chdir(cwd)
