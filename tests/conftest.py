@@ -29,10 +29,18 @@ from grmp_test_utils import tiny_model_kwargs  # noqa: E402
 from pyiqa_grmp.archs.grmp_arch import GRMPIQA  # noqa: E402
 
 
+#: Modules whose tests share a session setup: under ``pytest -n 2 --dist loadgroup`` (pytest-xdist, as CI runs the
+#: suite) each group runs in one worker, so the setup is built once. Every other module is a group of its own (its
+#: module fixtures are built once too).
+SHARED_SETUPS = {'test_finetune': 'smoke_backbone', 'test_meta': 'smoke_backbone'}
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason='needs a CUDA device')
     skip_weights = pytest.mark.skip(reason='set GRMP_IQA_WEIGHTS to an official checkpoint to run')
     for item in items:
+        module = Path(str(item.fspath)).stem
+        item.add_marker(pytest.mark.xdist_group(SHARED_SETUPS.get(module, module)))
         if 'gpu' in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if 'realweights' in item.keywords and not os.environ.get('GRMP_IQA_WEIGHTS'):
