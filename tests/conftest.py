@@ -35,6 +35,7 @@ from pyiqa_grmp.archs.grmp_arch import GRMPIQA  # noqa: E402
 SHARED_SETUPS = {'test_finetune': 'smoke_backbone', 'test_meta': 'smoke_backbone'}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason='needs a CUDA device')
     skip_weights = pytest.mark.skip(reason='set GRMP_IQA_WEIGHTS to an official checkpoint to run')
