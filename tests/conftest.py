@@ -88,15 +88,20 @@ SMOKE_CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
 
 
 @pytest.fixture(scope='session')
-def smoke_backbone(synthetic_workdir) -> Path:
-    """The experiment folder of ``pyiqa-grmp train -opt configs/smoke/backbone_synthetic.yml`` run in
-    ``synthetic_workdir`` (300 steps of 96 shots: the slowest setup of the suite, so it is run once)."""
+def smoke_backbone(synthetic_workdir) -> dict:
+    """``pyiqa-grmp train -opt configs/smoke/backbone_synthetic.yml`` run in ``synthetic_workdir`` (300 steps of
+    96 shots: the slowest setup of the suite, so it is run once): its experiment folder and what it printed."""
+    import contextlib
+    import io
+
     from pyiqa_grmp.cli import main
 
-    cwd = os.getcwd()
+    cwd, output = os.getcwd(), io.StringIO()
     os.chdir(synthetic_workdir)
     try:
-        assert main(['train', '-opt', str(SMOKE_CONFIGS / 'backbone_synthetic.yml')]) == 0
+        with contextlib.redirect_stdout(output):
+            assert main(['train', '-opt', str(SMOKE_CONFIGS / 'backbone_synthetic.yml')]) == 0
     finally:
         os.chdir(cwd)
-    return synthetic_workdir / 'experiments' / 'smoke_backbone_synthetic'
+    return {'experiment': synthetic_workdir / 'experiments' / 'smoke_backbone_synthetic',
+            'output': output.getvalue()}

@@ -149,7 +149,8 @@ def smoke_run(synthetic_workdir, smoke_backbone):
     test_opt = dict(opt['datasets']['train'], phase='test', name='synthetic_test',
                     dataroot_target=str(synthetic_workdir / 'datasets' / 'synthetic'),
                     meta_info_file=str(synthetic_workdir / 'datasets' / 'synthetic' / 'meta_info_synthetic.csv'))
-    return {'opt': opt, 'experiment': smoke_backbone, 'test_opt': test_opt}
+    return {'opt': opt, 'experiment': smoke_backbone['experiment'], 'test_opt': test_opt,
+            'output': smoke_backbone['output']}
 
 
 def test_smoke_finetuning_beats_the_untrained_model_on_the_test_split(smoke_run, tmp_path):

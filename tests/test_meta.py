@@ -232,7 +232,7 @@ def smoke_chain(synthetic_workdir, smoke_backbone):
         os.chdir(cwd)
     experiments = synthetic_workdir / 'experiments'
     return {'experiments': experiments, 'data': synthetic_workdir / 'datasets' / 'synthetic',
-            'base': smoke_backbone / 'models' / 'net_best.pth',
+            'base': smoke_backbone['experiment'] / 'models' / 'net_best.pth',
             'meta_best': experiments / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'}
 
 
