@@ -246,7 +246,7 @@ def read_override(path: str) -> dict:
     from .options import load_yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'--override file {path} not found')
+        raise InvalidArgument('override_file', f'{path} not found')
     return load_yaml(path)
 
 

@@ -219,4 +219,4 @@ def check_resume_fingerprint(saved: Optional[Dict[str, Any]], current: Dict[str,
     if changed:
         details = '; '.join(f'{name}: {saved.get(name)!r} in the state, {current.get(name)!r} now' for name in changed)
         raise ResumeError(f'cannot resume from {state_path}: the config changed what the run depends on ({details}). '
-                          'Restore these options, or start a new run (another name, or without --auto_resume).')
+                          'Restore these options, or start a new run (another name, or without auto_resume).')

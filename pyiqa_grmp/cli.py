@@ -7,6 +7,8 @@ built-in metric are available side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -49,6 +51,31 @@ def _chosen(argv: Sequence[str]) -> Optional[str]:
     return word if word in COMMANDS else None
 
 
+class _PrintNotes(logging.Handler):
+    """The library's log records (notes such as a batch lowered to the shots), printed as plain lines on the
+    standard output of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
+@contextlib.contextmanager
+def _notes_printed():
+    """While a command runs, what :mod:`pyiqa_grmp` logs at INFO and above is printed (libraries log; the command
+    decides what the user sees)."""
+    logger, handler = logging.getLogger('pyiqa_grmp'), _PrintNotes()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``pyiqa-grmp`` console script; returns the exit status."""
     import pyiqa_grmp  # noqa: F401  (registers grmp_iqa with pyiqa)
@@ -59,11 +86,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     command = parsers[args.command]
     try:
-        return load(args.command).run(args)
+        with _notes_printed():
+            return load(args.command).run(args)
     except UsageError as error:
         command.error(str(error))
     except InvalidArgument as error:  # the library's argument, shown as the flag that fills it
-        print(f'pyiqa-grmp {args.command}: error: {flag_of(command, error.argument)} {error.detail}', file=sys.stderr)
+        from .data.image_io import printable
+
+        print(f'pyiqa-grmp {args.command}: error: {printable(error.worded(lambda name: flag_of(command, name)))}',
+              file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as error:  # bad input or configuration: the message says what
         from .data.image_io import printable

@@ -78,8 +78,8 @@ def _missing_weights_line(name: str, error: Exception) -> str:
         variant = get_variant(DEFAULT_VARIANT)
         file_name, url, folder = variant.file_name, variant.url(), weights_cache_dir()
     return (f'{name}: the authors\' weights are not available ({type(error).__name__}); put {file_name} '
-            f'(from {url}) into {folder} or pass --metric-opt {name}:pretrained_model_path=FILE. Showing the other '
-            'metrics.')
+            f'(from {url}) into {folder} or give it the option pretrained_model_path=FILE (metric_options=, or '
+            f'--metric-opt {name}:pretrained_model_path=FILE). Showing the other metrics.')
 
 
 def _create(names: Sequence[str], options: Mapping[str, Mapping], device: Optional[str],

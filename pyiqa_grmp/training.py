@@ -37,6 +37,8 @@ from .options import (ConfigError, apply_override, build_argument_parser, dump_y
                       prepare_options)
 from .trusted_loading import trusted_loading
 
+_log = logging.getLogger(__name__)
+
 #: ``--launcher`` values (pyiqa's names) -> the launchers of :mod:`pyiqa_grmp.distributed`.
 LAUNCHERS = {'none': None, 'pytorch': 'torchrun', 'slurm': 'slurm'}
 #: Where the checkpoint choice of the protocol is made (``select``), and what it means.
@@ -52,9 +54,15 @@ class TrainingInterrupted(RuntimeError):
 
     def __init__(self, signum: int, iteration: int, state_path: str) -> None:
         self.signum, self.iteration, self.state_path = signum, iteration, state_path
-        name = signal.Signals(signum).name
-        super().__init__(f'training stopped by {name} after iteration {iteration}; training state written to '
-                         f'{state_path}; continue with --auto_resume')
+        super().__init__(self.worded('auto_resume=True'))
+
+    def worded(self, resume: str) -> str:
+        """What stopped, where the state is, and how to continue: ``resume`` (the command line: its flag)."""
+        return (f'training stopped by {signal.Signals(self.signum).name} after iteration {self.iteration}; training '
+                f'state written to {self.state_path}; continue with {resume}')
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.iteration, self.state_path)
 
 
 def parse_training_options(argv: Sequence[str], root_path: str) -> Tuple[dict, Any]:
@@ -114,7 +122,8 @@ def join_launch(opt: dict, launcher: str) -> Tuple[int, int]:
 
 
 def check_training_options(opt: dict) -> None:
-    """Fail before training on a malformed configuration, naming the problem."""
+    """Fail before training on a malformed configuration, naming the problem. A few-shot batch lowered to the
+    shots (:func:`fit_batch_to_shots`) is logged as a warning of this module's logger (the command prints it)."""
     from pyiqa.utils.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
     problems = [f'missing option {key!r}' for key in ('name', 'model_type', 'network', 'datasets', 'train', 'path')
@@ -146,7 +155,9 @@ def check_training_options(opt: dict) -> None:
     logger_opt = opt.setdefault('logger', {})
     logger_opt.setdefault('print_freq', 100)
     logger_opt.setdefault('use_tb_logger', False)
-    fit_batch_to_shots(opt['datasets']['train'], opt.get('world_size', 1))
+    note = fit_batch_to_shots(opt['datasets']['train'], opt.get('world_size', 1))
+    if note:
+        _log.warning(note)
 
 
 def check_shots_cover_ranks(dataset: dict, world_size: int) -> int:
@@ -160,23 +171,25 @@ def check_shots_cover_ranks(dataset: dict, world_size: int) -> int:
     return total
 
 
-def fit_batch_to_shots(dataset: dict, world_size: int = 1) -> None:
-    """Lower a few-shot train set's ``batch_size_per_gpu`` to its shots per process (x enlarge ratio).
+def fit_batch_to_shots(dataset: dict, world_size: int = 1) -> Optional[str]:
+    """Lower a few-shot train set's ``batch_size_per_gpu`` to its shots per process (x enlarge ratio); returns a
+    note saying so (None when the batch fits).
 
     pyiqa's train loader drops incomplete batches, so a batch larger than a process's share of the training set
     would run no step at all; one batch of all shots per step is what the official code does. Each of
     ``world_size`` processes takes its share of the shots. Changes the options in place.
     """
     if dataset.get('type') != 'FewShotNRDataset' or dataset.get('num_shots') is None:
-        return
+        return None
     total = check_shots_cover_ranks(dataset, world_size)
     available = total // world_size
     batch = dataset.get('batch_size_per_gpu')
-    if batch is not None and batch > available:
-        share = f'{available} per process of {world_size}' if world_size > 1 else f'{available}'
-        print(f'datasets.train: batch_size_per_gpu {batch} > {share} training images; using {available} '
-              f'(all shots per step)', flush=True)
-        dataset['batch_size_per_gpu'] = available
+    if batch is None or batch <= available:
+        return None
+    share = f'{available} per process of {world_size}' if world_size > 1 else f'{available}'
+    dataset['batch_size_per_gpu'] = available
+    return (f'datasets.train: batch_size_per_gpu {batch} > {share} training images; using {available} '
+            '(all shots per step)')
 
 
 # ------------------------------------------------------------------------------------------ the train data

@@ -213,3 +213,31 @@ def run_main(argv: Sequence[str], cwd=None) -> Tuple[int, str, str]:
     finally:
         os.chdir(previous)
     return status, out.getvalue(), err.getvalue()
+
+
+def run_logged(argv: Sequence[str], cwd) -> Tuple[int, str]:
+    """``pyiqa-grmp ARGV`` run to its end in this process, from ``cwd``, single-threaded as the commands tests
+    launch are (``OMP_NUM_THREADS=1``, so that its numbers equal theirs): (exit status, what it logged to pyiqa's
+    logger, one message a line). For runs whose launch is not the behaviour under test (a resume, the one-process
+    side of a torchrun equality): it saves an interpreter start."""
+    import logging
+
+    records: List[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger('pyiqa')  # pyiqa's root logger, which the training loop logs to
+    level, threads, previous = logger.level, torch.get_num_threads(), os.getcwd()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    os.chdir(cwd)
+    try:
+        from pyiqa_grmp.cli import main
+
+        status = main(list(argv))
+    finally:
+        os.chdir(previous)
+        torch.set_num_threads(threads)
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+    return status, '\n'.join(records)

@@ -116,22 +116,69 @@ def test_adapt_errors_in_library_words_become_flags_on_the_command_line(tmp_path
     assert 'pyiqa-grmp adapt: error: --shots must be a number or "all"' in capsys.readouterr().err
 
 
-def _modules_after(code):
-    """The heavy modules a fresh interpreter has imported after running ``code``."""
-    probe = ('import json, sys\n' + code + '\nprint(json.dumps([m for m in ("pandas", "matplotlib", "open_clip", '
-             '"scipy", "ray") if m in sys.modules]), file=sys.stderr)')
+def test_refused_resume_csv_names_the_arguments_from_python_and_their_flags_on_the_command_line(folder, tmp_path,
+                                                                                              capsys):
+    import pickle
+
+    from pyiqa_grmp.errors import InvalidArgument
+
+    out_csv = tmp_path / 'scores.csv'
+    out_csv.write_text('image,reference,piqe,errors\r\n')
+    with pytest.raises(InvalidArgument) as refused:
+        pyiqa_grmp.score(folder, ['entropy'], csv_path=str(out_csv), resume=True, workers=0, progress=False)
+    assert str(refused.value) == (f"csv_path {out_csv} was written for the metrics ['piqe'], not ['entropy']: give "
+                                  'another csv_path, or drop resume to overwrite it')
+    assert str(pickle.loads(pickle.dumps(refused.value))) == str(refused.value)  # as rank 0 broadcasts it
+    assert main(['score', 'entropy', '-t', str(folder), '--csv', str(out_csv), '--resume']) == 2
+    assert (f"pyiqa-grmp score: error: --csv {out_csv} was written for the metrics ['piqe'], not ['entropy']: give "
+            'another --csv, or drop --resume to overwrite it') in capsys.readouterr().err
+
+
+def test_full_reference_metric_without_references_names_the_argument_and_the_flag(folder):
+    frame = pyiqa_grmp.score(folder, ['psnr'], device='cpu', workers=0, progress=False)
+    assert frame['psnr'].isna().all()
+    assert 'full-reference metric: give reference images (ref; -r on the command line)' in frame['error'][0]
+
+
+def test_stopped_training_says_how_to_continue_in_the_words_of_python_and_of_the_command():
+    import pickle
+    import signal
+
+    from pyiqa_grmp.training import TrainingInterrupted
+
+    stopped = TrainingInterrupted(signal.SIGTERM, 4, '/runs/x/training_states/4.state')
+    assert str(stopped) == ('training stopped by SIGTERM after iteration 4; training state written to '
+                            '/runs/x/training_states/4.state; continue with auto_resume=True')
+    assert stopped.worded('--auto_resume').endswith('; continue with --auto_resume')
+    assert str(pickle.loads(pickle.dumps(stopped))) == str(stopped)
+
+
+HEAVY_MODULES = ('pandas', 'matplotlib', 'open_clip', 'scipy', 'ray')
+
+
+@pytest.fixture(scope='module')
+def fresh_interpreter():
+    """One fresh interpreter (of this tree): the heavy modules it has imported after ``import pyiqa_grmp`` and ``import pyiqa_grmp.ray``
+    (MetricScorer), then
+    after ``pyiqa-grmp list --mode NR`` run in it (which imports the package first anyway), and what that printed."""
+    from grmp_test_utils import subprocess_env
+
+    snapshot = f'print("loaded:", json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]), file=sys.stderr)'
+    probe = '\n'.join(['import json, sys', 'import pyiqa_grmp', 'import pyiqa_grmp.ray', snapshot, 'from pyiqa_grmp.cli import main',
+                       'assert main(["list", "--mode", "NR"]) == 0', snapshot])
     result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, HF_HUB_OFFLINE='1'))
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stderr.strip().splitlines()[-1]), result.stdout
+    after_import, after_list = (json.loads(line[len('loaded:'):]) for line in result.stderr.splitlines()
+                                if line.startswith('loaded:'))
+    return {'import': after_import, 'list': after_list, 'list_output': result.stdout}
 
 
-def test_import_of_the_package_and_its_ray_module_loads_no_api_module_nor_ray():
-    loaded, _ = _modules_after('import pyiqa_grmp\nimport pyiqa_grmp.ray')  # pyiqa_grmp.ray: MetricScorer
+def test_import_of_the_package_and_its_ray_module_loads_no_api_module_nor_ray(fresh_interpreter):
+    loaded = fresh_interpreter['import']
     assert 'pandas' not in loaded and 'matplotlib' not in loaded and 'ray' not in loaded
 
 
-def test_list_command_imports_neither_pandas_nor_matplotlib_nor_open_clip():
-    loaded, out = _modules_after('from pyiqa_grmp.cli import main\nassert main(["list", "--mode", "NR"]) == 0')
-    assert 'grmp_iqa' in out.split()
-    assert not {'pandas', 'matplotlib', 'open_clip'} & set(loaded)
+def test_list_command_imports_neither_pandas_nor_matplotlib_nor_open_clip(fresh_interpreter):
+    assert 'grmp_iqa' in fresh_interpreter['list_output'].split()
+    assert not {'pandas', 'matplotlib', 'open_clip'} & set(fresh_interpreter['list'])

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from grmp_test_utils import finish_command, free_port, grmp_command, run_main, start_command, torchrun_command
+from grmp_test_utils import (finish_command, free_port, grmp_command, run_logged, run_main, start_command,
+                             torchrun_command)
 from pyiqa_grmp.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs' / 'smoke'
@@ -52,16 +53,17 @@ def _run(workdir, ranks, config, name, overrides, *extra, command='train'):
 
 
 def _side_by_side(workdir, config, one, two, command='train'):
-    """The same run in one process (single-threaded, in the background) and on 2 ranks at the same time; ``one`` and
-    ``two`` are (name, overrides, extra arguments). Returns (status, output) of each."""
-    background = _start(workdir, 0, config, one[0], one[1], *one[2], command=command)
+    """The same run on 2 ranks (launched, in the background) and meanwhile in one process (this one,
+    single-threaded as each rank); ``one`` and ``two`` are (name, overrides, extra arguments). Returns (status,
+    output) of each: the log of the one process, the launch's stdout and stderr."""
+    on_two_ranks = _start(workdir, 2, config, two[0], two[1], *two[2], command=command)
     try:
-        on_two_ranks = _run(workdir, 2, config, two[0], two[1], *two[2], command=command)
+        in_one_process = run_logged(_command(0, command, config, one[0], one[1], *one[2])[3:], workdir)
     except BaseException:
-        os.killpg(background.pid, signal.SIGKILL)
-        background.communicate()
+        os.killpg(on_two_ranks.pid, signal.SIGKILL)
+        on_two_ranks.communicate()
         raise
-    return _outcome(background), on_two_ranks
+    return in_one_process, _outcome(on_two_ranks)
 
 
 def _weights(path):

@@ -97,10 +97,13 @@ def test_enlarged_shots_may_fill_a_larger_batch(image_folder):
     assert len(dataset) == 10
 
 
-def test_training_entry_lowers_the_batch_to_the_shots():
+def test_training_entry_lowers_the_batch_to_the_shots_and_returns_the_note_without_printing(capsys):
     dataset = {'type': 'FewShotNRDataset', 'num_shots': 10, 'batch_size_per_gpu': 192}
-    fit_batch_to_shots(dataset)
+    note = fit_batch_to_shots(dataset)
     assert dataset['batch_size_per_gpu'] == 10
+    assert note == 'datasets.train: batch_size_per_gpu 192 > 10 training images; using 10 (all shots per step)'
+    assert fit_batch_to_shots(dataset) is None  # the batch fits now
+    assert capsys.readouterr() == ('', '')
 
 
 def test_row_filter_keeps_only_the_listed_values(image_folder):

@@ -257,6 +257,6 @@ def test_damaged_resume_csv_is_a_clear_error_naming_the_file_and_line_before_sco
     monkeypatch.setattr(scoring.run, 'score_stream', lambda *args, **kwargs: pytest.fail('scoring started'))
     assert main(['score', 'entropy', '-t', str(two_images), '--csv', str(out_csv), '--resume']) == 2
     err = capsys.readouterr().err
-    assert f'pyiqa-grmp score: error: {out_csv} line' in err and 'Traceback' not in err
+    assert f'pyiqa-grmp score: error: --csv {out_csv} line' in err and 'Traceback' not in err
     assert re.search(message, err), err
     assert out_csv.read_bytes() == before

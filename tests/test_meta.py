@@ -233,14 +233,14 @@ UNTRAINED_FINETUNE_SEEDS = (1, 2, 3, 4)
 
 
 @pytest.fixture(scope='module')
-def smoke_chain(synthetic_workdir):
+def smoke_chain(synthetic_workdir, smoke_backbone):
     """The smoke chain through `pyiqa-grmp train` (about two and a half minutes): the base backbone (the
-    stand-in for CLIP), meta-prompt pre-training on it, and fine-tuning on the held-out distortion from the
-    meta-prompts and, at the same budget, from untrained prompts of several seeds."""
+    stand-in for CLIP; conftest's ``smoke_backbone``, shared with test_finetune.py), meta-prompt pre-training on
+    it, and fine-tuning on the held-out distortion from the meta-prompts and, at the same budget, from untrained
+    prompts of several seeds."""
     cwd = os.getcwd()
     os.chdir(synthetic_workdir)
     try:
-        assert main(['train', '-opt', str(CONFIGS / 'smoke' / 'backbone_synthetic.yml')]) == 0
         assert main(['train', '-opt', str(META_CONFIG)]) == 0
         assert main(['train', '-opt', str(FROM_META_CONFIG)]) == 0
         for seed in UNTRAINED_FINETUNE_SEEDS:
@@ -250,7 +250,7 @@ def smoke_chain(synthetic_workdir):
         os.chdir(cwd)
     experiments = synthetic_workdir / 'experiments'
     return {'experiments': experiments, 'data': synthetic_workdir / 'datasets' / 'synthetic',
-            'base': experiments / 'smoke_backbone_synthetic' / 'models' / 'net_best.pth',
+            'base': smoke_backbone['experiment'] / 'models' / 'net_best.pth',
             'meta_best': experiments / 'smoke_meta_pretrain_synthetic' / 'models' / 'net_best.pth'}
 
 

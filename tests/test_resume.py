@@ -1,11 +1,11 @@
-"""Crash-safe training: runs killed by SIGKILL or stopped by SIGTERM, then resumed with --auto_resume through the
-real command, end with exactly the weights of an uninterrupted run; cut-short states are skipped; a resume under a
+"""Crash-safe training: runs killed by SIGKILL or stopped by SIGTERM (launched commands, each a process of its own),
+then resumed with --auto_resume through the command (in this process), end with exactly the weights of an
+uninterrupted run; cut-short states are skipped; a resume under a
 changed config fails; runs without validation finish."""
 import functools
 import os
 import random
 import signal
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grmp_test_utils import grmp_command, run_command, start_command
+from grmp_test_utils import grmp_command, run_logged, start_command
 from pyiqa_grmp.checkpointing import (ResumeError, atomic_torch_save, check_resume_fingerprint, find_resume_state,
                                       resume_fingerprint)
 from pyiqa_grmp.cli import main
@@ -35,15 +35,14 @@ def _command(config, name, overrides, *extra):
     return grmp_command('train', '-opt', str(config), *extra, '--force_yml', *overrides, f'name={name}')
 
 
-def _run(workdir, config, name, overrides, *extra):
-    """The command run to its end; stdout holds stdout and stderr together."""
-    command = _command(config, name, overrides, *extra)
-    status, output = run_command(command, workdir, TIMEOUT)
-    return subprocess.CompletedProcess(command, status, output, '')
-
-
 def _start(workdir, config, name, overrides, *extra):
     return start_command(_command(config, name, overrides, *extra), workdir)
+
+
+def _resume_here(workdir, config, name, overrides):
+    """``pyiqa-grmp train ... --auto_resume`` to its end, in this process (the interruptions need processes of their
+    own, the resume does not): (status, what it logged)."""
+    return run_logged(_command(config, name, overrides, '--auto_resume')[3:], workdir)
 
 
 def _wait_for(predicate, process, limit=TIMEOUT):
@@ -107,13 +106,13 @@ def test_sigterm_writes_a_state_exits_nonzero_and_auto_resume_matches_the_uninte
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert 'training stopped by SIGTERM after iteration' in output
+    assert 'training stopped by SIGTERM after iteration' in output and 'continue with --auto_resume' in output
     stopped_at = max(_states(experiment))
     assert stopped_at < 12 and (experiment / 'models' / f'net_{stopped_at}.pth').is_file()
 
-    resumed = _run(synthetic_workdir, FINETUNE, 'resume_sigterm', FINETUNE_RUN, '--auto_resume')
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f'resuming from {experiment / "training_states" / f"{stopped_at}.state"}' in resumed.stdout + resumed.stderr
+    status, log = _resume_here(synthetic_workdir, FINETUNE, 'resume_sigterm', FINETUNE_RUN)
+    assert status == 0, log[-3000:]
+    assert f'resuming from {experiment / "training_states" / f"{stopped_at}.state"}' in log
     _assert_same_weights(reference_run(), experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
 
 
@@ -137,8 +136,8 @@ def test_sigkill_at_random_moments_then_auto_resume_matches_the_uninterrupted_ru
     time.sleep(chooser.uniform(0, 0.3))
     process.kill()
     process.communicate(timeout=TIMEOUT)
-    finished = _run(synthetic_workdir, FINETUNE, 'resume_sigkill', FINETUNE_RUN, '--auto_resume')
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    status, log = _resume_here(synthetic_workdir, FINETUNE, 'resume_sigkill', FINETUNE_RUN)
+    assert status == 0, log[-3000:]
     assert not _checkpoint_being_written(experiment), 'temporary files of killed writes are removed on resume'
     _assert_same_weights(reference_run(), experiment, ('net_latest.pth', 'net_best.pth', 'net_12.pth'))
 
@@ -152,8 +151,8 @@ def test_meta_training_stopped_by_sigterm_resumes_to_the_same_theta(synthetic_wo
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=TIMEOUT)
         assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-        resumed = _run(synthetic_workdir, META, 'meta_sigterm', META_RUN, '--auto_resume')
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        status, log = _resume_here(synthetic_workdir, META, 'meta_sigterm', META_RUN)
+        assert status == 0, log[-3000:]
         _assert_same_weights(_finished(reference, synthetic_workdir / 'experiments' / 'meta_reference'), experiment)
     finally:
         if reference.poll() is None:  # the test failed before waiting for it

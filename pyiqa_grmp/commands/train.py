@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(args.options, args.overrides, auto_resume=args.auto_resume, launcher=args.launcher,
                        debug=args.debug)
     except TrainingInterrupted as stopped:
-        print(f'pyiqa-grmp train: {stopped}', file=sys.stderr)
+        print(f'pyiqa-grmp train: {stopped.worded("--auto_resume")}', file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by signal N"
     if result.best_text():
         print(result.best_text())  # best: PATH (srcc X at iteration N)

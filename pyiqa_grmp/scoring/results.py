@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..checkpointing import atomic_write
 from ..data.image_io import NotARegularFileError, file_kind, open_regular_file, printable
+from ..errors import InvalidArgument
 from .collect import decode_path, encode_path
 
 #: The longest field (characters) a score CSV read back may hold; a longer one means it is not a score CSV.
@@ -181,51 +182,61 @@ def _complete_rows(path: str) -> bytes:
     return data[:data.rfind(b'\n') + 1]
 
 
+#: What a refused score CSV asks for (``{name}``: the arguments, see :class:`~pyiqa_grmp.errors.InvalidArgument`).
+_OTHER_CSV = 'give another {csv_path}, or drop {resume} to overwrite it'
+
+
+def _refused(detail: str) -> InvalidArgument:
+    """The refusal of a score CSV (or part file) of ``csv_path`` as it is, with ``resume``."""
+    return InvalidArgument('csv_path', detail, mentions=('resume',))
+
+
 def read_rows(path: str, header: List[str]) -> Dict[str, List[str]]:
     """The complete rows of a score CSV or part file, as written, by the image they name (:func:`decode_path`).
 
     A file written for other columns, or that is not a score CSV (not UTF-8, NUL bytes, fields that are not
-    CSV or too long, scores that are not numbers, bad path escapes), is a ValueError naming the file and line.
+    CSV or too long, scores that are not numbers, bad path escapes), is an
+    :class:`~pyiqa_grmp.errors.InvalidArgument` of ``csv_path`` (whose file or part file it is) naming the file
+    and line.
     """
     data = _complete_rows(path)
     name = printable(path)
-    refusal = 'it is not a score CSV written by this command: give another --csv, or drop --resume to overwrite it'
+    refusal = 'it is not a score CSV written by this command: ' + _OTHER_CSV
     if b'\x00' in data:
-        raise ValueError(f'{name} line {_line_at(data, data.index(0))} holds a NUL byte: {refusal}')
+        raise _refused(f'{name} line {_line_at(data, data.index(0))} holds a NUL byte: {refusal}')
     try:
         text = data.decode('utf-8')
     except UnicodeDecodeError as error:
-        raise ValueError(f'{name} line {_line_at(data, error.start)} is not UTF-8 text: {refusal}') from error
+        raise _refused(f'{name} line {_line_at(data, error.start)} is not UTF-8 text: {refusal}') from error
     reader = csv.reader(io.StringIO(text, newline=''), strict=True)
     limit = csv.field_size_limit(MAX_CSV_FIELD)
     try:
         table = [(reader.line_num, row) for row in reader]
     except csv.Error as error:
-        raise ValueError(f'{name} line {reader.line_num}: {error}: {refusal}') from error
+        raise _refused(f'{name} line {reader.line_num}: {error}: {refusal}') from error
     finally:
         csv.field_size_limit(limit)
     if not table:
         return {}
     if table[0][1] != header:
         found = table[0][1][2:-1] if table[0][1][:2] == ['image', 'reference'] else table[0][1]
-        raise ValueError(f'{name} was written for the metrics {found}, not {header[2:-1]}: give another --csv, or '
-                         'drop --resume to overwrite it')
+        raise _refused(f'{name} was written for the metrics {found}, not {header[2:-1]}: {_OTHER_CSV}')
     rows: Dict[str, List[str]] = {}
     for number, row in table[1:]:
         if len(row) != len(header):
-            raise ValueError(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
-                             'CSV of these metrics')
+            raise _refused(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
+                           'CSV of these metrics')
         for metric, value in zip(header[2:-1], row[2:-1]):
             try:
                 float(value or 0)
             except ValueError:
-                raise ValueError(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
-                                 f'number: {refusal}') from None
+                raise _refused(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
+                               f'number: {refusal}') from None
         try:
             image = decode_path(row[0])
             decode_path(row[1])
         except ValueError as error:
-            raise ValueError(f'{name} line {number}: {printable(str(error))}: {refusal}') from None
+            raise _refused(f'{name} line {number}: {printable(str(error))}: {refusal}') from None
         rows.setdefault(image, row)
     return rows
 

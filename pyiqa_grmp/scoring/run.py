@@ -31,7 +31,8 @@ def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional
     if csv_path and os.path.lexists(csv_path) and not os.path.islink(csv_path):
         kind = file_kind(os.lstat(csv_path).st_mode)
         if kind != 'regular file':
-            raise ValueError(f'--csv {printable(csv_path)} is a {kind}, not a regular file: give another --csv')
+            raise InvalidArgument('csv_path', f'{printable(csv_path)} is a {kind}, not a regular file: give another '
+                                              '{csv_path}')
     images = collect_targets(target)
     refs: Dict[str, str] = {}
     pairing_errors: Dict[str, str] = {}
@@ -56,14 +57,15 @@ def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional
 def _check_kept_rows(kept: Dict[str, List[str]], images: set, refs: Dict[str, str], csv_path: str) -> None:
     strangers = [image for image in kept if image not in images]
     if strangers:
-        raise ValueError(f'{printable(csv_path)} (or its part files) has rows for {len(strangers)} images that are '
-                         f'not in this target, e.g. {printable(strangers[0])}: it was written for another target; '
-                         'give another --csv, or drop --resume to overwrite it')
+        raise InvalidArgument('csv_path', f'{printable(csv_path)} (or its part files) has rows for {len(strangers)} '
+                              f'images that are not in this target, e.g. {printable(strangers[0])}: it was written for '
+                              'another target; give another {csv_path}, or drop {resume} to overwrite it', ('resume',))
     for image, row in kept.items():
         if decode_path(row[1]) != refs.get(image, ''):
-            raise ValueError(f'{printable(csv_path)}: {printable(image)} was scored against the reference '
-                             f'{printable(row[1])!r}, this run pairs it with {printable(refs.get(image, ""))!r}; give '
-                             'another --csv, or drop --resume to overwrite it')
+            raise InvalidArgument('csv_path', f'{printable(csv_path)}: {printable(image)} was scored against the '
+                                  f'reference {printable(row[1])!r}, this run pairs it with '
+                                  f'{printable(refs.get(image, ""))!r}; give another {{csv_path}}, or drop {{resume}} '
+                                  'to overwrite it', ('resume',))
 
 
 def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
@@ -106,7 +108,7 @@ def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = 
 
     report = ScoreReport(images=plan.images, refs=plan.refs, metrics=metric_names)
     if metrics is None:
-        no_references = None if ref else 'full-reference metric: give reference images with -r'
+        no_references = None if ref else 'full-reference metric: give reference images (ref; -r on the command line)'
         metrics = create_metrics(metric_names, metric_options, device, report, missing_references=no_references)
     creation_errors = list(report.errors)
     mine = distributed.shard(plan.todo, rank, world_size)
