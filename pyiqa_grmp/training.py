@@ -14,6 +14,7 @@ import contextlib
 import copy
 import glob
 import io
+import logging
 import math
 import os
 import signal

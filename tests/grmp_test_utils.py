@@ -217,9 +217,12 @@ def run_main(argv: Sequence[str], cwd=None) -> Tuple[int, str, str]:
 
 def run_logged(argv: Sequence[str], cwd) -> Tuple[int, str]:
     """``pyiqa-grmp ARGV`` run to its end in this process, from ``cwd``, single-threaded as the commands tests
-    launch are (``OMP_NUM_THREADS=1``, so that its numbers equal theirs): (exit status, what it logged to pyiqa's
-    logger, one message a line). For runs whose launch is not the behaviour under test (a resume, the one-process
-    side of a torchrun equality): it saves an interpreter start."""
+    launch are (``OMP_NUM_THREADS=1``, so that its numbers equal theirs): (exit status, what it printed on stdout
+    and stderr, then what reached pyiqa's logger outside a run's own log, one message a line). For runs whose
+    launch is not the behaviour under test (a resume, the one-process side of a torchrun equality): it saves an
+    interpreter start."""
+    import contextlib
+    import io
     import logging
 
     records: List[str] = []
@@ -234,10 +237,12 @@ def run_logged(argv: Sequence[str], cwd) -> Tuple[int, str]:
     try:
         from pyiqa_grmp.cli import main
 
-        status = main(list(argv))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            status = main(list(argv))
     finally:
         os.chdir(previous)
         torch.set_num_threads(threads)
         logger.setLevel(level)
         logger.removeHandler(handler)
-    return status, '\n'.join(records)
+    return status, '\n'.join([printed.getvalue(), *records])
