@@ -44,6 +44,12 @@ def photo_tensor(name: str = 'astronaut', size=None) -> torch.Tensor:
     return tensor.clamp(0, 1)
 
 
+def scores_of(metric_or_net, images: torch.Tensor) -> torch.Tensor:
+    """The flat scores a metric or network gives ``images``, without gradients."""
+    with torch.no_grad():
+        return metric_or_net(images).flatten()
+
+
 def reference_encode_image(model, pixels: torch.Tensor) -> torch.Tensor:
     """The straightforward VPT-Deep forward: the full [CLS, prompts, patches] sequence through open_clip blocks.
 

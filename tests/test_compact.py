@@ -11,7 +11,7 @@ import torch
 from pyiqa.models import build_model
 
 import pyiqa_grmp
-from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, run_main, training_options
+from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, run_main, scores_of, training_options
 from pyiqa_grmp.archs.checkpoint import BaseWeightsError, load_checked, tensor_digest
 from pyiqa_grmp.archs.grmp_arch import PROMPT_PREFIXES
 from pyiqa_grmp.archs.pickled_module import check_torch_archive
@@ -58,11 +58,6 @@ def _train_steps(model, meta, steps=2):
             model.feed_data({'img': torch.rand(4, 3, 244, 244, generator=generator),
                              'mos_label': torch.rand(4, 1, generator=generator)})
         model.optimize_parameters(step)
-
-
-def _scores(metric_or_net, images):
-    with torch.no_grad():
-        return metric_or_net(images).flatten()
 
 
 @pytest.fixture(scope='module')
@@ -145,7 +140,7 @@ def _metric(path):
 def test_compact_checkpoint_loads_with_its_path_to_the_scores_of_the_full_network(runs, kind, images):
     metric = _metric(runs[kind]['path'])
     assert all(torch.equal(v, runs[kind]['after'][k]) for k, v in metric.net.state_dict().items())
-    assert torch.equal(_scores(metric, images), _scores(_metric(runs[kind]['full']), images))
+    assert torch.equal(scores_of(metric, images), scores_of(_metric(runs[kind]['full']), images))
 
 
 def _rebased(path, out, base):
@@ -217,12 +212,12 @@ def test_export_full_writes_one_file_that_loads_without_the_base(runs, tmp_path,
     status, out, err = run_main(['export', '--full', checkpoint, str(tmp_path / 'full.pth')])
     assert status == 0, err
     assert f"pretrained_model_path='{tmp_path / 'full.pth'}'" in out
-    expected = _scores(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=checkpoint), images)
+    expected = scores_of(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=checkpoint), images)
     os.remove(base)
     saved = _saved(tmp_path / 'full.pth')
     assert 'applies_to' not in saved and set(saved['params']) == set(runs['finetune']['after'])
     metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=str(tmp_path / 'full.pth'))
-    assert torch.equal(_scores(metric, images), expected)
+    assert torch.equal(scores_of(metric, images), expected)
 
 
 def test_python_export_writes_the_model_folder_or_with_full_one_file(runs, tmp_path, images):
@@ -230,7 +225,7 @@ def test_python_export_writes_the_model_folder_or_with_full_one_file(runs, tmp_p
     folder = pyiqa_grmp.export(runs['meta']['path'], tmp_path / 'folder')
     full = pyiqa_grmp.export(runs['meta']['path'], tmp_path / 'full', full=True)
     assert folder == str(tmp_path / 'folder') and full == str(tmp_path / 'full' / 'model.pth')
-    scores = [_scores(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=p), images)
+    scores = [scores_of(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=p), images)
               for p in (runs['meta']['path'], folder, full)]
     assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
 

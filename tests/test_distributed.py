@@ -93,10 +93,12 @@ def _collectives_in_one_rank(rank, port, results):
         distributed.destroy()
 
 
-def test_collectives_across_two_gloo_processes():
+def _two_ranks(rank_fn, *args) -> dict:
+    """What each of two forked processes ``rank_fn(rank, port, *args, results)`` put into ``results[rank]``,
+    killed (and the test failed) when they do not finish in time."""
     with mp.Manager() as manager:
         results = manager.dict()
-        job = mp.start_processes(_collectives_in_one_rank, args=(free_port(), results), nprocs=2, join=False,
+        job = mp.start_processes(rank_fn, args=(free_port(), *args, results), nprocs=2, join=False,
                                  start_method='fork')
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
         while not job.join(timeout=1):
@@ -104,7 +106,11 @@ def test_collectives_across_two_gloo_processes():
                 for process in job.processes:
                     process.kill()
                 pytest.fail('the two ranks did not finish in time')
-        results = dict(results)
+        return dict(results)
+
+
+def test_collectives_across_two_gloo_processes():
+    results = _two_ranks(_collectives_in_one_rank)
     for rank in (0, 1):
         context, broadcast, gathered, gathered_on_zero, main, own_rank, world_size, compared, drift = results[rank]
         assert context == distributed.DistContext(rank, 2, rank, torch.device('cpu'), 'gloo')
@@ -116,7 +122,7 @@ def test_collectives_across_two_gloo_processes():
                          'b on rank(s) 1')
 
 
-def _job_end_in_one_rank(rank, port, folder, results, alone):
+def _job_end_in_one_rank(rank, port, folder, alone, results):
     """One rank of a two-process job that warns and then leaves as ``pyiqa-grmp score`` does (stderr captured):
     joined inside the block and failing on rank 0 (``--csv``), or ``alone`` under torchrun until the end and
     failing on rank 1 (``--out``)."""
@@ -150,17 +156,7 @@ def _job_end_in_one_rank(rank, port, folder, results, alone):
 
 def _job_end(folder, alone):
     """(exit status, stderr, what rank 0 saw of the other ranks when it left) per rank of a two-rank gloo job."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        job = mp.start_processes(_job_end_in_one_rank, args=(free_port(), folder, results, alone), nprocs=2,
-                                 join=False, start_method='fork')
-        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-        while not job.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in job.processes:
-                    process.kill()
-                pytest.fail('the two ranks did not finish in time')
-        return dict(results)
+    return _two_ranks(_job_end_in_one_rank, folder, alone)
 
 
 @pytest.fixture(scope='module', params=['joined', 'alone'])

@@ -15,7 +15,7 @@ import yaml
 from pyiqa.archs import build_network
 from pyiqa.models import build_model
 
-from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, training_options
+from grmp_test_utils import TINY_BACKBONE, TINY_NUM_PROMPTS, scores_of, training_options
 from pyiqa_grmp.archs.checkpoint import CheckpointMismatchError
 from pyiqa_grmp.cli import main
 from pyiqa_grmp.model_folder import (CONFIG_FILE, WEIGHTS_FILE, ModelFolderError, export_checkpoint, read_model,
@@ -34,11 +34,6 @@ def _reference(checkpoint):
     return build_network({'type': 'GRMPIQA', **TINY_NETWORK, 'pretrained_model_path': checkpoint}).eval()
 
 
-def _scores(metric_or_net, images):
-    with torch.no_grad():
-        return metric_or_net(images).flatten()
-
-
 @pytest.fixture(scope='module')
 def images():
     return torch.rand(4, 3, 244, 244, generator=torch.Generator().manual_seed(0))
@@ -51,7 +46,7 @@ def folder(tiny_checkpoint, tmp_path_factory):
 
 def test_folder_loads_with_its_path_alone_and_scores_as_the_checkpoint(folder, tiny_checkpoint, images):
     metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=folder)
-    assert torch.equal(_scores(metric, images), _scores(_reference(tiny_checkpoint), images))
+    assert torch.equal(scores_of(metric, images), scores_of(_reference(tiny_checkpoint), images))
 
 
 def test_score_command_loads_the_folder_with_its_path_alone(folder, tmp_path):
@@ -101,8 +96,8 @@ def test_safetensors_file_is_json_header_and_raw_tensors_only(folder):
 def test_half_stores_fp16_and_scores_within_the_measured_deviation(folder, tiny_checkpoint, images, tmp_path):
     half = export_checkpoint(tiny_checkpoint, str(tmp_path / 'half'), half=True, network=TINY_NETWORK)
     assert {t.dtype for t in read_model(half).state_dict.values()} == {torch.float16}
-    full = _scores(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=folder), images)
-    halved = _scores(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=half), images)
+    full = scores_of(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=folder), images)
+    halved = scores_of(pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=half), images)
     assert 0 < (full - halved).abs().max() <= HALF_BOUND
     assert os.path.getsize(Path(half) / WEIGHTS_FILE) < 0.6 * os.path.getsize(Path(folder) / WEIGHTS_FILE)
 
@@ -121,7 +116,7 @@ def test_hugging_face_cache_layout_is_found_offline(folder, images, tmp_path, mo
     monkeypatch.setenv('HF_HUB_CACHE', str(_hub_cache(tmp_path, folder)))
     metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path='hf://someone/grmp-tiny')
     expected = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=folder)
-    assert torch.equal(_scores(metric, images), _scores(expected, images))
+    assert torch.equal(scores_of(metric, images), scores_of(expected, images))
 
 
 def test_model_missing_from_the_hugging_face_cache_says_how_to_fetch_it(folder, tmp_path, monkeypatch):
@@ -159,7 +154,7 @@ def test_export_command_writes_a_folder_from_an_old_checkpoint_and_its_yaml(tiny
         status = main(['export', tiny_checkpoint, str(tmp_path / 'out'), '--network-yaml', str(tmp_path / 'train.yml')])
     assert status == 0 and 'pretrained_model_path=' in buffer.getvalue()
     metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=str(tmp_path / 'out'))
-    assert torch.equal(_scores(metric, images), _scores(_reference(tiny_checkpoint), images))
+    assert torch.equal(scores_of(metric, images), scores_of(_reference(tiny_checkpoint), images))
 
 
 def test_checkpoint_written_by_training_loads_with_its_path_alone(synthetic_workdir, images):
@@ -170,7 +165,7 @@ def test_checkpoint_written_by_training_loads_with_its_path_alone(synthetic_work
     saved = torch.load(path, weights_only=True)
     assert saved['network']['backbone'] == opt['network']['backbone']
     metric = pyiqa.create_metric('grmp_iqa', device='cpu', pretrained_model_path=path)
-    assert torch.equal(_scores(metric, images), _scores(model.get_bare_model(model.net).eval(), images))
+    assert torch.equal(scores_of(metric, images), scores_of(model.get_bare_model(model.net).eval(), images))
 
 
 def test_old_checkpoint_of_another_network_says_pass_the_network_options(tiny_checkpoint):
