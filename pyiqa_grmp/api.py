@@ -163,10 +163,10 @@ def _fast_settings(fast: bool, precision: Optional[str], decode: Optional[str], 
     import torch
 
     from .precision import fast_precision
-    from .scoring.pipeline import DECODE_MODES
+    from .scoring.pipeline import check_decode
 
-    if decode is not None and decode not in DECODE_MODES:
-        raise InvalidArgument('decode', f'must be one of {", ".join(DECODE_MODES)}, got {decode!r}')
+    if decode is not None:
+        check_decode(decode)
     device_type = torch.device(device).type if device else ('cuda' if torch.cuda.is_available() else 'cpu')
     if decode == 'gpu' and device_type != 'cuda':
         raise InvalidArgument('decode', f"'gpu' needs a CUDA device; this run scores on {device_type}"

@@ -520,6 +520,12 @@ def _score_chunk(chunk: Union[List[DecodedItem], DecodedBatch], metrics: Dict[st
     return list(results.values())
 
 
+def check_decode(decode: str) -> None:
+    """``decode`` is one of :data:`DECODE_MODES`, else an :class:`InvalidArgument`."""
+    if decode not in DECODE_MODES:
+        raise InvalidArgument('decode', f'must be one of {", ".join(DECODE_MODES)}, got {decode!r}')
+
+
 def decode_mode(decode: str, metrics: Dict[str, object], native_needed: bool) -> str:
     """Where a run decodes: 'cpu' (the workers, exact) or 'gpu' (JPEGs by nvJPEG on the metrics' GPU).
 
@@ -527,8 +533,7 @@ def decode_mode(decode: str, metrics: Dict[str, object], native_needed: bool) ->
     one does not, or references are scored), and torchvision; it is an :class:`InvalidArgument` otherwise.
     ``decode='auto'`` is 'gpu' where it can be, else 'cpu'.
     """
-    if decode not in DECODE_MODES:
-        raise InvalidArgument('decode', f'must be one of {", ".join(DECODE_MODES)}, got {decode!r}')
+    check_decode(decode)
     if decode == 'cpu':
         return 'cpu'
     reason = None
