@@ -1,8 +1,8 @@
 """Images per second of ``pyiqa-grmp score grmp_iqa`` on a folder of mixed-size JPEGs, against its bounds, side by side.
 
 On a generated folder (200 JPEGs by default, ten sizes from 640x480 to 3000x2000 in both orientations, in an
-order that mixes the sizes as a real photo folder does) and a GRMP-IQA with ViT-B/16 and random weights, one run
-measures:
+order that mixes the sizes as a real photo folder does) and a GRMP-IQA with ViT-B/16 and random weights (or the
+checkpoint or model folder ``--model`` names), one run measures:
 
 - model alone, fp32 and bf16: the metric's network on ready, normalised 224x224 batches (an upper bound);
 - decode alone (the workers decode, nothing crosses) and decode + exact resize (the workers decode, run the
@@ -24,8 +24,10 @@ measures:
   (``--tar-shard-size`` per tar) against the same images as files (the folder cut into parts of that size), for
   each ``--workers`` value, with their ratio.
 
-Random weights keep scores in a narrow band, so the deviations are an upper bound of what trained weights see
-in rank terms. Lines starting ``result:`` summarise the run (``benchmarks/gpu_check.sh`` puts them in its table).
+Random weights keep scores in a narrow band (the deviation lines print its spread), and the folder holds five
+photos at ten sizes each, near-duplicates whose scores almost tie: in rank terms (SRCC, ranks moved) the folder's
+deviations of random weights are a pessimistic bound, the bundled photos' a fairer one, and ``--model`` gives
+those of trained weights. Lines starting ``result:`` summarise the run (``benchmarks/gpu_check.sh`` puts them in its table).
 
     python benchmarks/score_throughput.py [--images 200] [--workers 0 2] [--batch 8] [--threads 2] [--device cpu]
     python benchmarks/score_throughput.py --device cuda --workers 16 --batch 64     # on a GPU machine
@@ -131,8 +133,9 @@ def timed(fn, device: torch.device) -> float:
 
 
 def deviation(exact: Dict[str, float], other: Dict[str, float]) -> Dict[str, float]:
-    """How far ``other``'s scores are from ``exact``'s (same images): largest and mean |delta|, SRCC, and the share
-    of images whose rank moves by more than 1 % of the number of images."""
+    """How far ``other``'s scores are from ``exact``'s (same images): largest and mean |delta|, SRCC, the share
+    of images whose rank moves by more than 1 % of the number of images, and the spread (standard deviation) of
+    the exact scores, which says how much a given |delta| can reorder."""
     from scipy.stats import rankdata, spearmanr
 
     names = sorted(set(exact) & set(other))
@@ -140,12 +143,14 @@ def deviation(exact: Dict[str, float], other: Dict[str, float]) -> Dict[str, flo
     b = np.array([other[n] for n in names])
     moved = np.abs(rankdata(a) - rankdata(b)) > 0.01 * len(names)
     return {'images': len(names), 'max': float(np.abs(a - b).max()), 'mean': float(np.abs(a - b).mean()),
-            'srcc': float(spearmanr(a, b)[0]) if len(names) > 2 else float('nan'), 'moved': float(moved.mean())}
+            'srcc': float(spearmanr(a, b)[0]) if len(names) > 2 else float('nan'), 'moved': float(moved.mean()),
+            'spread': float(a.std())}
 
 
 def deviation_line(what: str, found: Dict[str, float]) -> str:
     return (f'{what} ({found["images"]} images): max |delta score| {found["max"]:.2e}, mean {found["mean"]:.2e}, '
-            f'SRCC {found["srcc"]:.5f} (target >= 0.9995), rank moved by > 1 %: {100 * found["moved"]:.1f} %')
+            f'SRCC {found["srcc"]:.5f} (target >= 0.9995), rank moved by > 1 %: {100 * found["moved"]:.1f} %; '
+            f'spread (std) of the exact scores {found["spread"]:.2e}')
 
 
 def bundled_photos(folder: str) -> str:
@@ -211,6 +216,8 @@ def main() -> None:
                                                                        'the folder it is compared with)')
     parser.add_argument('--baseline-dir', help=f'a folder holding scoring.py and image_io.py of {BASELINE_COMMIT}, '
                                                'where git cannot show them (a copy of the repository without .git)')
+    parser.add_argument('--model', help='a GRMP-IQA checkpoint or model folder to score with (its network options '
+                                        'come with it) instead of random weights: the deviations of trained weights')
     args = parser.parse_args()
     device = prepare(args)
     import pyiqa
@@ -220,14 +227,19 @@ def main() -> None:
 
     paths = make_folder(args.folder, args.images)
     photos = bundled_photos(args.folder + '_photos')
-    metric = pyiqa.create_metric('grmp_iqa', device=str(device), pretrained=False, backbone_pretrained=None,
-                                 backbone=args.backbone)
+    if args.model:
+        metric = pyiqa.create_metric('grmp_iqa', device=str(device), pretrained_model_path=args.model)
+        weights = f'weights {args.model}'
+    else:
+        metric = pyiqa.create_metric('grmp_iqa', device=str(device), pretrained=False, backbone_pretrained=None,
+                                     backbone=args.backbone)
+        weights = f'backbone={args.backbone} random weights'
     net = metric.net
     resize = scoring.declared_resize(metric)
     before = load_baseline(args.baseline_dir)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else os.uname().machine
     bf16_note = '' if device.type == 'cuda' else f' cpu_has_bf16={cpu_has_bf16()}'
-    print(f'device={device} ({where}) backbone={args.backbone} random weights; threads={args.threads} '
+    print(f'device={device} ({where}) {weights}; threads={args.threads} '
           f'batch={args.batch} images={len(paths)} ({len(SIZES) * 2} sizes 640x480..3000x2000) cpus={os.cpu_count()} '
           f'torch={torch.__version__} runs={args.runs}{bf16_note}')
     rates = {}

@@ -355,12 +355,15 @@ def usage_lines(model_path: str) -> Dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- predicting
-def predict_test_split(options: dict, checkpoint: str, device: str) -> Dict[str, np.ndarray]:
-    """Scores of ``checkpoint`` on the held-out test split of ``options``: paths, raw MOS and predictions."""
+def predict_test_split(options: dict, checkpoint: str, device: str, precision: str = 'fp32'
+                       ) -> Dict[str, np.ndarray]:
+    """Scores of ``checkpoint`` in ``precision`` on the held-out test split of ``options``: paths, raw MOS and
+    predictions."""
     from .evaluation import predict_checkpoint
 
     test_opt = dict(copy.deepcopy(options['datasets']['val']), name='test', phase='test', cache_images=False)
-    dataset, result = predict_checkpoint(options['network'], checkpoint, test_opt, device, batch_size=32)
+    network = dict(options['network'], precision=precision)
+    dataset, result = predict_checkpoint(network, checkpoint, test_opt, device, batch_size=32)
     return {'paths': np.array([path for path, _ in dataset.paths_mos]), 'mos': dataset.raw_mos,
             'pred': result['pred'].astype(float)}
 
@@ -398,6 +401,8 @@ def run_warnings(predictions: np.ndarray, records: Sequence[dict], num_val: int)
 
 def _settings_lines(settings: dict) -> List[str]:
     """The preset, as run: untouched, or with each setting the override file and ``--set`` changed; the precision."""
+    from .model_folder import precision_text
+
     preset, help_text = settings['preset'], PRESET_HELP[settings['preset']]
     lines = [f'- Preset `{preset}`: {help_text}.']
     if settings.get('changed'):
@@ -406,8 +411,7 @@ def _settings_lines(settings: dict) -> List[str]:
                  *[f'  - `{change}`' for change in settings['changed']]]
     elif settings.get('changed_by'):
         lines.append(f'- {", ".join(f"`{source}`" for source in settings["changed_by"])} changed no setting.')
-    lines.append(f'- Precision: {settings["precision"]} for training and validation ({settings["precision_reason"]}); '
-                 'the held-out scores of this report are fp32.')
+    lines.append(f'- Precision: {precision_text(settings)}.')
     return lines
 
 
@@ -479,9 +483,9 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     remaining image) to train on. ``start``: the checkpoint to start from (default: ``grmp_iqa``'s default
     weights). ``preset``: 'paper' or 'cpu' (:data:`PRESETS`); ``override_file`` (a YAML mapping) and
     ``overrides`` (``KEY:SUB=VALUE`` strings, values as YAML) change the generated training options.
-    ``device``: 'cpu' or 'cuda' (default: cuda when available). ``precision``: of training and validation, 'fp32',
-    'bf16' or 'fp16' (CUDA); default the preset's (:func:`choose_precision`: bf16 for the cpu preset on a CPU with
-    bf16 instructions, else fp32); the held-out scores of the report are fp32 either way. ``progress`` prints the
+    ``device``: 'cpu' or 'cuda' (default: cuda when available). ``precision``: of training, validation and the
+    held-out scores, 'fp32', 'bf16' or 'fp16' (CUDA); default the preset's (:func:`choose_precision`: bf16 for the
+    cpu preset on a CPU with bf16 instructions, else fp32). ``progress`` prints the
     steps, the training progress and the warnings (:func:`run_warnings`, also in the report) on stderr.
 
     Every check on the data and options runs before training (ValueError / FileNotFoundError naming the problem).
@@ -492,6 +496,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     import torch
     import yaml
 
+    from .cpu_memory import keep_freed_memory
     from .model_folder import export_checkpoint
     from .pretrained import DEFAULT_VARIANT, resolve_weights
     from .training import train
@@ -511,6 +516,8 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     elif not os.path.isfile(start):
         raise FileNotFoundError(f'start checkpoint {start} not found')
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if run_device == 'cpu':
+        keep_freed_memory()  # its held-out scoring as well as its training
     options = build_options(labels, plan, preset, start, device, seed)
     chosen, precision_reason = choose_precision(precision, preset, run_device)
     options['train']['amp'] = None if chosen == 'fp32' else chosen
@@ -534,8 +541,8 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     counts = plan.counts()
     _say(progress, f'data: {labels.description}: {len(labels.images)} labelled images; {labels.column_choice}')
     _say(progress, describe_split(counts, seed))
-    _say(progress, f'precision: {trained_precision} for training and validation ({precision_reason}); held-out '
-                   'scores in fp32')
+    _say(progress, f'precision: {trained_precision} for training, validation and the held-out scores '
+                   f'({precision_reason})')
     os.makedirs(out_dir, exist_ok=True)
     roles = np.empty(len(labels.images), dtype=object)
     for role, rows in plan.indices.items():
@@ -547,7 +554,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     _say(progress, f'wrote {options_path}')
 
     _say(progress, f'scoring the {counts["test"]} held-out images with the starting model (zero-shot)')
-    before = predict_test_split(options, start, run_device)
+    before = predict_test_split(options, start, run_device, trained_precision)
     trained = train(options_path, root_path=out_dir, progress=progress)
     experiment = trained.experiment_dir
     if trained.best_checkpoint is None:
@@ -555,7 +562,7 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     model_path = os.path.join(out_dir, 'model.pth')
     copy_atomically(trained.best_checkpoint, model_path)
     _say(progress, f'scoring the {counts["test"]} held-out images with the adapted model')
-    after = predict_test_split(options, model_path, run_device)
+    after = predict_test_split(options, model_path, run_device, trained_precision)
     if not np.array_equal(before['paths'], after['paths']):
         raise RuntimeError('the held-out images differ between the two evaluations')
 

@@ -399,6 +399,16 @@ def _interval(row: Mapping, metric: str) -> str:
     return f'{row[metric]:.4f} [{low:.4f}, {high:.4f}]'
 
 
+def precision_text(settings: dict) -> str:
+    """The precision line of an adapt report and model card: what ran in which precision, and why."""
+    precision = settings['precision']
+    text = f'{precision} for training, validation and the held-out scores ({settings["precision_reason"]})'
+    if precision != 'fp32':
+        text += (f"; `create_metric` scores in fp32 unless given `precision='{precision}'`, which reproduces the "
+                 'held-out scores')
+    return text
+
+
 def _results_lines(summary: Optional[dict]) -> List[str]:
     if summary is None:
         return ['## Data and held-out results', '',
@@ -425,7 +435,8 @@ def _results_lines(summary: Optional[dict]) -> List[str]:
         f'- Preset `{settings["preset"]}`' + (f', changed: {", ".join(settings["changed"])}' if settings['changed']
                                              else '') + '.',
         f'- {summary["training"]["iterations"]} training iterations on {settings["device"]}; checkpoint chosen at '
-        + (f'iteration {best["iter"]} (carve-out SRCC {best["srcc"]:.4f}).' if best else 'the last validation.'), '']
+        + (f'iteration {best["iter"]} (carve-out SRCC {best["srcc"]:.4f}).' if best else 'the last validation.'),
+        f'- Precision: {precision_text(settings)}.', '']
 
 
 def model_card(folder: str, config: Mapping, summary: Optional[dict] = None) -> str:

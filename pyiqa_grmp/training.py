@@ -29,6 +29,7 @@ import pyiqa_grmp  # noqa: F401  (registers our types)
 
 from .checkpointing import (capture_rng, check_resume_fingerprint, find_resume_state, load_state,
                             remove_stale_temporaries, restore_rng, resume_fingerprint, write_atomically)
+from .cpu_memory import keep_freed_memory
 from .data.samplers import ResumableSampler, SeededItems
 from .distributed import (all_gather_objects, any_rank, barrier, broadcast_object, check_ranks_hold_the_same,
                           get_world_size, init_distributed, launch_environment)
@@ -347,6 +348,8 @@ def run_training(opt: dict, args, root_path: str, progress: bool = True) -> Dict
 
     opt['root_path'] = root_path
     torch.backends.cudnn.benchmark = True
+    if opt.get('num_gpu') in (0, None) or not torch.cuda.is_available():
+        keep_freed_memory()
     state_path, state = _resume_state(opt)
     if state is not None:
         check_resume_fingerprint(state.get('fingerprint'), resume_fingerprint(opt), state_path)

@@ -237,3 +237,68 @@ def test_bad_tensor_gives_a_clear_error(tiny_model, bad, message):
 def test_crop_must_match_backbone_input_size():
     with pytest.raises(ValueError, match='crop'):
         make_tiny_model(resize=300, crop=256)
+
+
+def test_plain_vit_features_equal_open_clip_image_features_within_1e_5(tiny_model):
+    from pyiqa_grmp.archs.grmp_arch import vit_features
+
+    pixels = tiny_model.preprocess(torch.rand(3, 3, 250, 230, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        assert torch.allclose(vit_features(tiny_model.clip.visual, pixels), tiny_model.clip.visual(pixels),
+                              rtol=0, atol=1e-5)
+
+
+def test_scene_teacher_gives_the_zero_shot_scene_logits_of_the_plain_clip(tiny_model):
+    import torch.nn.functional as F
+
+    from pyiqa_grmp.models.finetune_model import SceneTeacher
+
+    clip = tiny_model.clip
+    pixels = tiny_model.preprocess(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(tiny_model.scene_token_ids), dim=-1)
+        expected = clip.logit_scale.exp() * F.normalize(clip.visual(pixels), dim=-1) @ text.t()
+        assert torch.allclose(SceneTeacher(tiny_model)(pixels), expected, rtol=0, atol=1e-4)
+
+
+def _front_runs(model):
+    """A counter of the runs of the front: the patch embedding starts it."""
+    runs = []
+    model.clip.visual.conv1.register_forward_hook(lambda *args: runs.append(1))
+    return runs
+
+
+def _with_frozen_front(seed: int = 0):
+    model = make_tiny_model(seed=seed)
+    model.requires_grad_(False)
+    model.clip.visual.transformer.resblocks[-1].requires_grad_(True)  # fine-tuning: the last block trains
+    return model
+
+
+def test_a_remembered_front_gives_the_scores_bit_for_bit_and_runs_once_per_batch():
+    model, plain = _with_frozen_front(), _with_frozen_front()
+    model.remember_frozen_front()
+    images = torch.rand(3, 3, 230, 250, generator=torch.Generator().manual_seed(2))
+    runs = _front_runs(model)
+    with torch.no_grad():
+        scores = [model(images) for _ in range(3)]
+        expected = plain(images)
+    assert all(torch.equal(s, expected) for s in scores)
+    assert len(runs) == 1
+
+
+def test_a_changed_front_weight_or_a_trainable_front_is_never_served_from_memory():
+    model, plain = _with_frozen_front(), _with_frozen_front()
+    model.remember_frozen_front()
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(images)
+        for net in (model, plain):
+            net.clip.visual.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)  # an in-place edit of the front
+        assert torch.equal(model(images), plain(images))
+    model.visual_prompts.requires_grad_(True)  # meta-training: the prompts of every block train
+    runs = _front_runs(model)
+    with torch.no_grad():
+        model(images)
+        model(images)
+    assert len(runs) == 2

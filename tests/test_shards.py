@@ -112,6 +112,46 @@ def test_a_member_that_does_not_decode_is_a_failed_row_and_the_shard_goes_on(ima
     assert [(f.image, f.metric) for f in run.errors] == [('bad', None)]
 
 
+def test_gpu_decoding_takes_the_jpeg_members_of_tars_and_parquet_cells_and_records_their_sizes(images, tiny_metric,
+                                                                                               tmp_path,
+                                                                                               monkeypatch):
+    from pyiqa_grmp.scoring import pipeline
+    from pyiqa_grmp.scoring.gpu_decode import torchvision_decoder
+
+    rgb = photo('rocket')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the recorded size is the oriented one
+    members = []
+    for number, (height, width) in enumerate(SIZES):
+        buffer = io.BytesIO()
+        Image.fromarray(rgb[:height, number * 9:number * 9 + width]).save(
+            buffer, 'JPEG', quality=90, **({'exif': exif} if number == 0 else {}))
+        members.append((f'{number:03d}.jpg', buffer.getvalue()))
+    members.append(('005.png', images[1]['001']))  # not a JPEG: decoded in the worker
+    write_tar(tmp_path / 'a.tar', members)
+    pq.write_table(pa.table({'jpg': [data for _, data in members]}), tmp_path / 'b.parquet', row_group_size=4)
+    # (width, height): the rotated first one stands up; the PNG is the folder's second image
+    sizes = [SIZES[0], *[(w, h) for h, w in SIZES[1:]], (SIZES[1][1], SIZES[1][0])]
+    exact = {name: pyiqa_grmp.merge(shards_run(tiny_metric, [tmp_path / name], tmp_path / f'cpu_{name}').out_dir)
+             for name in ('a.tar', 'b.parquet')}
+    decoded = []
+
+    def cpu_nvjpeg(device):  # torchvision's CPU decoder in nvJPEG's place: the GPU path, run on this machine
+        decode = torchvision_decoder('cpu')
+        return lambda encoded: (decoded.append(len(encoded)), decode(encoded))[1]
+
+    monkeypatch.setattr(pipeline, 'decode_mode', lambda *args: 'gpu')
+    monkeypatch.setattr(pipeline, 'torchvision_decoder', cpu_nvjpeg)
+    for name in ('a.tar', 'b.parquet'):
+        decoded.clear()
+        rows = pyiqa_grmp.merge(shards_run(tiny_metric, [tmp_path / name], tmp_path / f'gpu_{name}', workers=2,
+                                           decode='gpu').out_dir)
+        assert sum(decoded) == len(SIZES), name  # every JPEG went to the decoder, the PNG did not
+        assert list(zip(rows['width'], rows['height'])) == sizes and (rows['error'] == '').all(), name
+        assert np.allclose(rows['grmp_iqa'], exact[name]['grmp_iqa'], rtol=0, atol=1e-3), name
+        assert list(zip(exact[name]['width'], exact[name]['height'])) == sizes, name
+
+
 def test_a_truncated_tar_is_reported_by_name_and_its_readable_samples_kept(images, tiny_metric, tmp_path):
     _, encoded = images
     write_tar(tmp_path / 'whole.tar', [(f'{k}.png', encoded[k]) for k in ('000', '001', '002')])

@@ -47,9 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help='; '.join(f'{name}: {text}' for name, text in PRESET_HELP.items()))
     add_device_argument(parser, adapt)
     parser.add_argument('--precision', choices=PRECISIONS, default=default('precision'),
-                        help='of training and validation: fp32 (exact), bf16, or fp16 (CUDA); default: bf16 for '
-                             '--preset cpu on a CPU with bf16 instructions (avx512_bf16, amx_bf16; about 3x faster), '
-                             'else fp32. The held-out scores of the report are fp32 either way')
+                        help='of training, validation and the held-out scores: fp32 (exact), bf16, or fp16 (CUDA); '
+                             'default: bf16 for --preset cpu on a CPU with bf16 instructions (avx512_bf16, amx_bf16), '
+                             'else fp32')
     parser.add_argument('--seed', type=int, default=default('seed'),
                         help='split, training and bootstrap seed (default %(default)s)')
     parser.add_argument('--mos-lower-better', action='store_const', const=True, default=default('mos_lower_better'),

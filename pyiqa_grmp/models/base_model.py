@@ -155,7 +155,9 @@ class GRMPBaseModel(GeneralIQAModel):
     def predict(self, dataloader) -> Dict[str, np.ndarray]:
         """Scores and labels of a whole loader, in eval mode, in the precision the model trains in: a ``train.amp:
         bf16`` run validates with the network's bf16 scoring (:mod:`pyiqa_grmp.precision`), which is most of the
-        speed-up on a CPU with bf16 instructions; fp16 off CUDA, which scoring refuses, validates in fp32."""
+        speed-up on a CPU with bf16 instructions; fp16 off CUDA, which scoring refuses, validates in fp32. The
+        vision blocks that nothing trains run once per validation batch over the whole run
+        (:meth:`~pyiqa_grmp.archs.grmp_arch.GRMPIQA.remember_frozen_front`)."""
         from ..precision import check_precision_device
 
         net = self.get_bare_model(self.net)
@@ -165,6 +167,7 @@ class GRMPBaseModel(GeneralIQAModel):
         except ValueError:
             precision = 'fp32'
         previous, net.precision = net.precision, precision
+        net.remember_frozen_front()  # every round scores the same images: the untrained front runs once
         try:
             return predict_loader(net, dataloader, self.device)
         finally:

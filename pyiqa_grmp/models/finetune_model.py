@@ -17,7 +17,7 @@ from pyiqa.metrics import calculate_metric
 from pyiqa.utils import get_root_logger
 from torch import nn
 
-from ..archs.grmp_arch import GRMPIQA
+from ..archs.grmp_arch import GRMPIQA, vit_features
 from ..distributed import average_gradients
 from ..gradreg import MODES, regularize_gradients
 from ..presets import paper_settings
@@ -55,7 +55,7 @@ class SceneTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.visual(pixels.to(self.scene_text.dtype)), dim=-1)
+        features = F.normalize(vit_features(self.visual, pixels.to(self.scene_text.dtype)), dim=-1)
         return self.logit_scale * features @ self.scene_text.t()
 
 

@@ -19,6 +19,7 @@ from typing import Dict, Iterator, List
 import torch
 from pyiqa.utils import get_root_logger
 
+from ..archs.grmp_arch import PROMPT_PREFIXES
 from ..checkpointing import ResumeError
 from ..data.labels import minmax_normalise
 from ..data.samplers import item_seed
@@ -27,8 +28,6 @@ from ..distributed import all_reduce_sum_
 from ..presets import paper_settings
 from .base_model import GRMPBaseModel, TrainingConfigError, merged_options
 
-#: Parameters trained in pre-training: the text context and the visual prompts with their projection and norm.
-PROMPT_PREFIXES = ('prompt_learner.', 'visual_prompts.')
 #: The paper's meta-training settings (``presets/paper.yml``).
 DEFAULT_META = paper_settings('meta_pretrain')['train']['meta']
 META_MODES = ('reptile', 'official')

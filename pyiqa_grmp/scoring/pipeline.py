@@ -37,6 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
+from ..cpu_memory import keep_freed_memory
 from ..data.image_io import ImageReadError, decode_image_bytes, unit_float
 from ..errors import InvalidArgument
 from .collect import ImageSource, as_source, encoded_bytes
@@ -80,9 +81,9 @@ class DecodedItem:
     ``error`` says why the image or its reference cannot be read (else None); ``native`` is the image and
     ``reference`` its reference, as decoded (uint8 for 8-bit files) until :func:`finish_item` makes them float32
     in [0, 1]; ``views`` holds the declared resizes' results (see :func:`finish_item`; in a :class:`DecodedBatch`
-    a result is the row number in the batch's stacked tensor). With GPU decoding, ``encoded`` holds the JPEG's
-    bytes left for the main process to decode (in a batch: ``span``, their start and length in the batch's
-    bytes) and ``orientation`` its EXIF orientation.
+    a result is the row number in the batch's stacked tensor); ``size`` is the decoded image's (width, height),
+    as oriented. With GPU decoding, ``encoded`` holds the JPEG's bytes left for the main process to decode (in a
+    batch: ``span``, their start and length in the batch's bytes) and ``orientation`` its EXIF orientation.
     """
 
     index: int
@@ -94,11 +95,17 @@ class DecodedItem:
     encoded: Optional[torch.Tensor] = None
     orientation: int = 1
     span: Optional[Tuple[int, int]] = None
+    size: Optional[Tuple[int, int]] = None
 
     def pin_memory(self) -> 'DecodedItem':
         """This item with its tensors in pinned memory (a DataLoader with ``pin_memory=True`` calls it)."""
         return dataclasses.replace(self, native=_pinned(self.native), reference=_pinned(self.reference),
                                    views=[_pinned(v) if torch.is_tensor(v) else v for v in self.views])
+
+
+def _size_of(image: torch.Tensor) -> Tuple[int, int]:
+    """(width, height) of a (C, H, W) image."""
+    return int(image.shape[-1]), int(image.shape[-2])
 
 
 def _pinned(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -147,6 +154,7 @@ class DecodedImages(torch.utils.data.Dataset):
                 item.native = decode_image_bytes(data, source.key, shared)
             else:
                 item.native = source.decode(shared)
+            item.size = _size_of(item.native)
             if self.references is not None:
                 try:
                     item.reference = self.references[position].decode(shared)
@@ -298,6 +306,7 @@ def decode_on_gpu(batch: DecodedBatch, resizes: Sequence[Resize], device: torch.
             image = orient(image, item.orientation)
         item.span = None
         if item.error is None:
+            item.size = _size_of(image)
             item.views = [_view(resize, image) for resize in resizes]
     moved = [None if p is None else p.to(device, non_blocking=True) for p in batch.pixels]  # one copy each
     return DecodedBatch(batch.items, _restacked(batch.items, moved, device))
@@ -494,7 +503,7 @@ def _score_chunk(chunk: Union[List[DecodedItem], DecodedBatch], metrics: Dict[st
     """Every metric on every readable image of ``chunk`` (items, or a :class:`DecodedBatch`): resized views all
     together, native images by size."""
     items, pixels = (chunk.items, chunk.pixels) if isinstance(chunk, DecodedBatch) else (chunk, ())
-    results = OrderedDict((i.index, ImageResult(i.index, i.path)) for i in items)
+    results = OrderedDict((i.index, ImageResult(i.index, i.path, size=i.size)) for i in items)
     for item in items:
         if item.error is not None:
             results[item.index].errors.append(Failure(None, item.path, item.error))
@@ -563,8 +572,11 @@ def score_stream(paths: Sequence[Union[str, ImageSource]], metrics: Dict[str, ob
     decoded. Otherwise items come one by one (:func:`prepared_items`; finished on the metrics' GPU when they
     share one), and a chunk holds at most ``batch_size`` images and, of native-resolution ones, about
     ``MAX_CHUNK_PIXELS`` pixels, so memory stays bounded whatever the image sizes. ``indices`` (default 0, 1,
-    ...) number the results.
+    ...) number the results. A metric on the CPU makes this process keep freed memory for reuse
+    (:func:`~pyiqa_grmp.cpu_memory.keep_freed_memory`).
     """
+    if any(metric_device(metric).type == 'cpu' for metric in metrics.values()):
+        keep_freed_memory()
     resizes: List[Resize] = []
     views: Dict[str, Optional[int]] = {}
     for name, metric in metrics.items():

@@ -78,12 +78,14 @@ class ScoreReport:
 
 @dataclass
 class ImageResult:
-    """What scoring one image gave: its scores per metric and its failures."""
+    """What scoring one image gave: its scores per metric, its failures, and the (width, height) it decoded to
+    (None when it could not be read)."""
 
     index: int
     path: str
     scores: Dict[str, float] = field(default_factory=dict)
     errors: List[Failure] = field(default_factory=list)
+    size: Optional[Tuple[int, int]] = None
 
 
 # ------------------------------------------------------------------------------------------------ the format

@@ -24,7 +24,7 @@ from .results import (Failure, ImageResult, RowLog, ScoreReport, csv_header, csv
                       existing_part_files, part_file, read_rows)
 from .shard_output import (check_listing, check_same_run, output_path, read_output_metadata, remove_temporaries,
                            run_metadata, shard_source, write_shard_output)
-from .shards import list_shards, read_shard, release_row_groups, size_recorded
+from .shards import list_shards, read_shard, release_row_groups
 
 
 def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional[str], resume: bool) -> Plan:
@@ -180,7 +180,8 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
     whose metrics, options, weights, precision or input options differ from a completed shard's is refused
     before scoring, naming the difference. Nothing is shared with other processes but ``out_dir``: each task of
     a scheduler (or rank of a launcher) runs this alone with its own ``shard_index``. ``decode`` and ``metrics``
-    as in :func:`score_images` (shard members are decoded on the CPU: they offer no ``read_bytes`` yet).
+    as in :func:`score_images`: with ``decode='gpu'`` the workers read each member's bytes and nvJPEG decodes
+    the JPEGs among them.
     """
     metric_names = list(metric_names)
     metric_options = metric_options or {}
@@ -225,18 +226,17 @@ def score_to_shards(metric_names: Sequence[str], targets: Sequence[str], out_dir
     check_same_run(current, completed, out_dir)
     for shard in todo:
         contents = read_shard(shard, image_column, key_column, keep_columns)
-        sources, sizes = size_recorded(contents.sources)
         results: List[ImageResult] = []
-        with progress_bar(len(sources), progress, shard.name) as bar:
-            for chunk in score_stream(sources, metrics, batch_size, workers, decode=decode):
+        with progress_bar(len(contents.sources), progress, shard.name) as bar:
+            for chunk in score_stream(contents.sources, metrics, batch_size, workers, decode=decode):
                 results.extend(chunk)
                 bar.update(len(chunk))
         release_row_groups()
         rows = []
         for result in results:
-            width, height = (int(v) for v in sizes[result.index])
-            rows.append((result.path, result.scores, errors_text([*creation_errors, *result.errors]),
-                         width if width >= 0 else None, height if height >= 0 else None))
+            width, height = result.size or (None, None)
+            rows.append((result.path, result.scores, errors_text([*creation_errors, *result.errors]), width,
+                         height))
         path = write_shard_output(out_dir, shard, current, rows, contents.columns, contents.failures,
                                   creation_errors)
         failed = sum(1 for r in results if r.errors or len(r.scores) < len(metric_names))

@@ -198,6 +198,10 @@ class TarMember:
     def decode(self, shared: bool = False) -> torch.Tensor:
         return decode_image_bytes(self.read(), f'{self.path}:{self.member}', shared)
 
+    def read_bytes(self, limit: int) -> Optional[bytes]:
+        """The member's bytes, or None when it has more than ``limit`` (for GPU decoding)."""
+        return self.read() if self.size <= limit else None
+
 
 def _tar_number(field_bytes: bytes) -> int:
     """A tar header number: octal text, or GNU base-256 (high bit set) for large values."""
@@ -357,6 +361,11 @@ class ParquetCell:
     def decode(self, shared: bool = False) -> torch.Tensor:
         return decode_image_bytes(self.read(), f'{self.path}:{self.key}', shared)
 
+    def read_bytes(self, limit: int) -> Optional[bytes]:
+        """The cell's bytes, or None when it holds more than ``limit`` (for GPU decoding)."""
+        data = self.read()
+        return data if len(data) <= limit else None
+
 
 def release_row_groups() -> None:
     """Drop the row group this process holds (after a shard read with ``workers=0``, in the main process)."""
@@ -441,30 +450,3 @@ def _read_parquet(path: str, image_column: Optional[str], key_column: Optional[s
             sources.append(ParquetCell(keys[row], path, group, position, column, struct_field))
             row += 1
     return ShardContents(sources, kept)
-
-
-# --------------------------------------------------------------------------------------- sizes of the images
-@dataclass(frozen=True)
-class SizeRecorded:
-    """``source``, whose decoded width and height are written to row ``row`` of ``sizes`` (an (N, 2) int64
-    tensor in shared memory, -1 until decoded), so that the decoding workers report each image's size to the
-    main process without another read of it."""
-
-    source: ImageSource
-    sizes: torch.Tensor
-    row: int
-
-    @property
-    def key(self) -> str:
-        return self.source.key
-
-    def decode(self, shared: bool = False) -> torch.Tensor:
-        image = self.source.decode(shared)
-        self.sizes[self.row, 0], self.sizes[self.row, 1] = image.shape[-1], image.shape[-2]
-        return image
-
-
-def size_recorded(sources: Sequence[ImageSource]) -> Tuple[List[SizeRecorded], torch.Tensor]:
-    """``sources`` wrapped as :class:`SizeRecorded`, and their shared sizes tensor."""
-    sizes = torch.full((len(sources), 2), -1, dtype=torch.int64).share_memory_()
-    return [SizeRecorded(source, sizes, row) for row, source in enumerate(sources)], sizes

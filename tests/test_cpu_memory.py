@@ -1,0 +1,43 @@
+"""The allocator setting of CPU runs (pyiqa_grmp.cpu_memory): freed large blocks are reused, not page-faulted in
+again; a user's own allocator settings are left alone. Each case runs in a fresh interpreter."""
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from grmp_test_utils import subprocess_env
+
+pytestmark = pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
+                                reason='the setting is glibc malloc only')
+
+PAGE_FAULTS_OF_A_64_MB_TENSOR = '''
+import resource, sys, torch
+from pyiqa_grmp.cpu_memory import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == 'keep' else None
+for _ in range(3):  # warm up
+    torch.ones(16 * 1024 * 1024)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(16 * 1024 * 1024)  # 64 MB, allocated, written and freed
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+'''
+
+
+def _faults(mode: str, **env: str):
+    output = subprocess.run([sys.executable, '-c', PAGE_FAULTS_OF_A_64_MB_TENSOR, mode], capture_output=True,
+                            text=True, timeout=120, env=subprocess_env(**env), check=True).stdout.split()
+    return output[0], int(output[1])
+
+
+def test_kept_memory_serves_a_freed_64_mb_tensor_again_without_page_faults():
+    kept, faults = _faults('keep')
+    default, default_faults = _faults('default')
+    assert kept == 'True' and default == 'None'
+    assert default_faults > 10_000  # 16384 pages of 4 KB: each tensor mapped afresh
+    assert faults < 100
+
+
+def test_a_users_own_malloc_settings_are_left_alone():
+    kept, _ = _faults('keep', MALLOC_MMAP_THRESHOLD_='131072')
+    assert kept == 'False'
