@@ -1,7 +1,5 @@
 """GRMPFinetuneModel: one step, the teacher, resume, and an end-to-end smoke run through `pyiqa-grmp train`."""
-import contextlib
 import copy
-import io
 import os
 from pathlib import Path
 
