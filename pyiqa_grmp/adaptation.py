@@ -496,7 +496,6 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     import torch
     import yaml
 
-    from .cpu_memory import keep_freed_memory
     from .model_folder import export_checkpoint
     from .pretrained import DEFAULT_VARIANT, resolve_weights
     from .training import train
@@ -516,8 +515,6 @@ def adapt(out_dir: str, *, meta_info: Optional[str] = None, root: Optional[str] 
     elif not os.path.isfile(start):
         raise FileNotFoundError(f'start checkpoint {start} not found')
     run_device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if run_device == 'cpu':
-        keep_freed_memory()  # its held-out scoring as well as its training
     options = build_options(labels, plan, preset, start, device, seed)
     chosen, precision_reason = choose_precision(precision, preset, run_device)
     options['train']['amp'] = None if chosen == 'fp32' else chosen

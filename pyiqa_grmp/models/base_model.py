@@ -26,6 +26,7 @@ from torch import nn
 
 from ..archs.checkpoint import COMPACT_FORMAT, tensor_digest
 from ..checkpointing import STATE_FORMAT, ResumeError, atomic_torch_save
+from ..cpu_memory import keep_freed_memory
 from ..distributed import broadcast_object, broadcast_tensors_, get_rank
 from ..metrics_log import METRICS_FILE, MetricsLog
 from ..model_folder import checkpoint_description, write_safetensors
@@ -54,7 +55,10 @@ def merged_options(defaults: dict, given: Optional[dict], what: str) -> dict:
 
 
 def predict_loader(net: nn.Module, dataloader, device) -> Dict[str, np.ndarray]:
-    """Scores ('pred') and labels ('mos') of every batch of an NR loader, in eval mode; the mode is restored."""
+    """Scores ('pred') and labels ('mos') of every batch of an NR loader, in eval mode; the mode is restored. On the
+    CPU this process keeps freed memory for reuse (:func:`~pyiqa_grmp.cpu_memory.keep_freed_memory`)."""
+    if torch.device(device).type == 'cpu':
+        keep_freed_memory()
     was_training = net.training
     net.eval()
     predicted, labels = [], []

@@ -185,10 +185,10 @@ def _complete_rows(path: str) -> bytes:
 
 
 #: What a refused score CSV asks for (``{name}``: the arguments, see :class:`~pyiqa_grmp.errors.InvalidArgument`).
-_OTHER_CSV = 'give another {csv_path}, or drop {resume} to overwrite it'
+OTHER_CSV = 'give another {csv_path}, or drop {resume} to overwrite it'
 
 
-def _refused(detail: str) -> InvalidArgument:
+def refused_csv(detail: str) -> InvalidArgument:
     """The refusal of a score CSV (or part file) of ``csv_path`` as it is, with ``resume``."""
     return InvalidArgument('csv_path', detail, mentions=('resume',))
 
@@ -203,42 +203,42 @@ def read_rows(path: str, header: List[str]) -> Dict[str, List[str]]:
     """
     data = _complete_rows(path)
     name = printable(path)
-    refusal = 'it is not a score CSV written by this command: ' + _OTHER_CSV
+    refusal = 'it is not a score CSV written by this command: ' + OTHER_CSV
     if b'\x00' in data:
-        raise _refused(f'{name} line {_line_at(data, data.index(0))} holds a NUL byte: {refusal}')
+        raise refused_csv(f'{name} line {_line_at(data, data.index(0))} holds a NUL byte: {refusal}')
     try:
         text = data.decode('utf-8')
     except UnicodeDecodeError as error:
-        raise _refused(f'{name} line {_line_at(data, error.start)} is not UTF-8 text: {refusal}') from error
+        raise refused_csv(f'{name} line {_line_at(data, error.start)} is not UTF-8 text: {refusal}') from error
     reader = csv.reader(io.StringIO(text, newline=''), strict=True)
     limit = csv.field_size_limit(MAX_CSV_FIELD)
     try:
         table = [(reader.line_num, row) for row in reader]
     except csv.Error as error:
-        raise _refused(f'{name} line {reader.line_num}: {error}: {refusal}') from error
+        raise refused_csv(f'{name} line {reader.line_num}: {error}: {refusal}') from error
     finally:
         csv.field_size_limit(limit)
     if not table:
         return {}
     if table[0][1] != header:
         found = table[0][1][2:-1] if table[0][1][:2] == ['image', 'reference'] else table[0][1]
-        raise _refused(f'{name} was written for the metrics {found}, not {header[2:-1]}: {_OTHER_CSV}')
+        raise refused_csv(f'{name} was written for the metrics {found}, not {header[2:-1]}: {OTHER_CSV}')
     rows: Dict[str, List[str]] = {}
     for number, row in table[1:]:
         if len(row) != len(header):
-            raise _refused(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
+            raise refused_csv(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
                            'CSV of these metrics')
         for metric, value in zip(header[2:-1], row[2:-1]):
             try:
                 float(value or 0)
             except ValueError:
-                raise _refused(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
+                raise refused_csv(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
                                f'number: {refusal}') from None
         try:
             image = decode_path(row[0])
             decode_path(row[1])
         except ValueError as error:
-            raise _refused(f'{name} line {number}: {printable(str(error))}: {refusal}') from None
+            raise refused_csv(f'{name} line {number}: {printable(str(error))}: {refusal}') from None
         rows.setdefault(image, row)
     return rows
 

@@ -20,8 +20,8 @@ from .collect import collect_targets, decode_path, pair_references
 from .merge import Plan, add_results, merge_report, write_final_csv
 from .metrics import check_metric_requests, create_metrics
 from .pipeline import progress_bar, score_stream
-from .results import (Failure, ImageResult, RowLog, ScoreReport, csv_header, csv_row, errors_text,
-                      existing_part_files, part_file, read_rows)
+from .results import (OTHER_CSV, Failure, ImageResult, RowLog, ScoreReport, csv_header, csv_row, errors_text,
+                      existing_part_files, part_file, read_rows, refused_csv)
 from .shard_output import (check_listing, check_same_run, output_path, read_output_metadata, remove_temporaries,
                            run_metadata, shard_source, write_shard_output)
 from .shards import list_shards, read_shard, release_row_groups
@@ -57,15 +57,14 @@ def _plan(target: str, ref: Optional[str], header: List[str], csv_path: Optional
 def _check_kept_rows(kept: Dict[str, List[str]], images: set, refs: Dict[str, str], csv_path: str) -> None:
     strangers = [image for image in kept if image not in images]
     if strangers:
-        raise InvalidArgument('csv_path', f'{printable(csv_path)} (or its part files) has rows for {len(strangers)} '
-                              f'images that are not in this target, e.g. {printable(strangers[0])}: it was written for '
-                              'another target; give another {csv_path}, or drop {resume} to overwrite it', ('resume',))
+        raise refused_csv(f'{printable(csv_path)} (or its part files) has rows for {len(strangers)} images that are '
+                          f'not in this target, e.g. {printable(strangers[0])}: it was written for another target; '
+                          f'{OTHER_CSV}')
     for image, row in kept.items():
         if decode_path(row[1]) != refs.get(image, ''):
-            raise InvalidArgument('csv_path', f'{printable(csv_path)}: {printable(image)} was scored against the '
-                                  f'reference {printable(row[1])!r}, this run pairs it with '
-                                  f'{printable(refs.get(image, ""))!r}; give another {{csv_path}}, or drop {{resume}} '
-                                  'to overwrite it', ('resume',))
+            raise refused_csv(f'{printable(csv_path)}: {printable(image)} was scored against the reference '
+                              f'{printable(row[1])!r}, this run pairs it with {printable(refs.get(image, ""))!r}; '
+                              f'{OTHER_CSV}')
 
 
 def score_images(metric_names: Sequence[str], target: str, ref: Optional[str] = None, device: Optional[str] = None,
