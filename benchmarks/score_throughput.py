@@ -9,7 +9,8 @@ checkpoint or model folder ``--model`` names), one run measures:
   declared 244x244 squash and collate batches: ``scoring.pipeline.batched_items``), for each ``--workers``
   value; on CUDA also GPU decode alone (``decode='gpu'``: nvJPEG in batches, the declared resize on the GPU);
 - per image on one thread: decode, decode + exact resize from the taps (``SquareResize.resize_decoded``), and
-  decode + the former float conversion + ``F.interpolate``, on the first ``--per-image`` images;
+  decode + the former float conversion + ``F.interpolate``, on the first ``--per-image`` images, each the best of
+  ``--per-image-repeats`` timings;
 - score end to end: ``scoring.score_images`` as the command runs it (listing, workers, batches, model, streamed
   CSV and its final rewrite): the exact path (fp32, CPU decoding) for each ``--workers`` value, and with the
   last one bf16, GPU decoding (CUDA) and ``--fast``; the metric is created once beforehand;
@@ -27,7 +28,9 @@ checkpoint or model folder ``--model`` names), one run measures:
 Random weights keep scores in a narrow band (the deviation lines print its spread), and the folder holds five
 photos at ten sizes each, near-duplicates whose scores almost tie: in rank terms (SRCC, ranks moved) the folder's
 deviations of random weights are a pessimistic bound, the bundled photos' a fairer one, and ``--model`` gives
-those of trained weights. Lines starting ``result:`` summarise the run (``benchmarks/gpu_check.sh`` puts them in its table).
+those of trained weights. The process keeps freed memory for reuse, as every process of ``score`` that decodes
+does (``pyiqa_grmp.cpu_memory``). Lines starting ``result:`` summarise the run (``benchmarks/gpu_check.sh`` puts
+them in its table).
 
     python benchmarks/score_throughput.py [--images 200] [--workers 0 2] [--batch 8] [--threads 2] [--device cpu]
     python benchmarks/score_throughput.py --device cuda --workers 16 --batch 64     # on a GPU machine
@@ -170,30 +173,35 @@ def bundled_photos(folder: str) -> str:
     return folder
 
 
-def per_image_costs(paths: list, resize) -> Dict[str, float]:
+def per_image_costs(paths: list, resize, repeats: int) -> Dict[str, float]:
     """Seconds on one thread over ``paths``: decode, decode + exact resize from the taps, decode + the former
-    float conversion and F.interpolate; and the exact resize alone on the largest image against its decode."""
+    float conversion and F.interpolate; and the exact resize alone on the largest image against its decode. Each
+    image counts with its best of ``repeats`` timings, taken in turn, so that a stall of a shared machine costs
+    no one way more than the other."""
     from pyiqa_grmp.data.image_io import decode_image, unit_float
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         images = {p: decode_image(p) for p in paths}
-        costs = {}
-        for name, work in (('decode', lambda p: decode_image(p)),
-                           ('decode + exact resize', lambda p: resize.resize_decoded(decode_image(p))),
-                           ('decode + float + F.interpolate', lambda p: resize(unit_float(decode_image(p))[None]))):
-            begin = time.perf_counter()
-            for path in paths:
-                work(path)
-            costs[name] = time.perf_counter() - begin
         largest = max(paths, key=lambda p: images[p][0].numel())
-        for name, work in (('largest decode', lambda: decode_image(largest)),
-                           ('largest exact resize', lambda: resize.resize_decoded(images[largest]))):
-            begin = time.perf_counter()
-            for _ in range(3):
-                work()
-            costs[name] = (time.perf_counter() - begin) / 3
+        works = {'decode': lambda p: decode_image(p),
+                 'decode + exact resize': lambda p: resize.resize_decoded(decode_image(p)),
+                 'decode + float + F.interpolate': lambda p: resize(unit_float(decode_image(p))[None]),
+                 'largest decode': lambda p: decode_image(largest),
+                 'largest exact resize': lambda p: resize.resize_decoded(images[largest])}
+        costs = dict.fromkeys(works, 0.0)
+        for path in paths:
+            best = dict.fromkeys(works, float('inf'))
+            for _ in range(repeats):
+                for name, work in works.items():
+                    begin = time.perf_counter()
+                    work(path)
+                    best[name] = min(best[name], time.perf_counter() - begin)
+            for name in works:
+                costs[name] += best[name]
+        costs['largest decode'] /= len(paths)
+        costs['largest exact resize'] /= len(paths)
         costs['largest size'] = tuple(images[largest].shape[1:])
         return costs
     finally:
@@ -208,6 +216,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--model-batches', type=int, default=4, help='batches timed for the model alone')
     parser.add_argument('--per-image', type=int, default=20, help='images timed one by one on one thread')
+    parser.add_argument('--per-image-repeats', type=int, default=5, help='timings of each of them (the best counts)')
     parser.add_argument('--pyiqa-images', type=int, default=None,
                         help="images for pyiqa's own loop (default all; it is slow on a CPU)")
     parser.add_argument('--baseline-images', type=int, default=None,
@@ -222,6 +231,7 @@ def main() -> None:
     device = prepare(args)
     import pyiqa
 
+    from pyiqa_grmp.cpu_memory import keep_freed_memory
     from pyiqa_grmp.precision import cpu_has_bf16, fast_precision
     from pyiqa_grmp.scoring.pipeline import batched_items, decode_mode
 
@@ -239,9 +249,10 @@ def main() -> None:
     before = load_baseline(args.baseline_dir)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else os.uname().machine
     bf16_note = '' if device.type == 'cuda' else f' cpu_has_bf16={cpu_has_bf16()}'
+    kept = keep_freed_memory()  # as score's decoding processes do: every row is measured under the same malloc
     print(f'device={device} ({where}) {weights}; threads={args.threads} '
           f'batch={args.batch} images={len(paths)} ({len(SIZES) * 2} sizes 640x480..3000x2000) cpus={os.cpu_count()} '
-          f'torch={torch.__version__} runs={args.runs}{bf16_note}')
+          f'torch={torch.__version__} runs={args.runs}{bf16_note} freed_memory_kept={kept}')
     rates = {}
 
     def report(name: str, count: int, seconds: float) -> None:
@@ -274,7 +285,7 @@ def main() -> None:
                                                                  gpu_jpegs=True)], device) for _ in range(args.runs))
         report(f'GPU decode + resize alone, workers={last}', len(paths), seconds)
 
-    costs = per_image_costs(paths[:args.per_image], resize)
+    costs = per_image_costs(paths[:args.per_image], resize, args.per_image_repeats)
     count = len(paths[:args.per_image])
     for name in ('decode', 'decode + exact resize', 'decode + float + F.interpolate'):
         print(f'per image, one thread: {name:<31} {1000 * costs[name] / count:8.1f} ms')

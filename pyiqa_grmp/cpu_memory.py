@@ -6,8 +6,10 @@ again at every step: a ViT-B/16 layer's tensors for a batch of 50 are 20-90 MB. 
 (AVX-512 BF16), the parts of one bf16 fine-tuning step of ``adapt --preset cpu`` at ViT-B/16 with 50 shots
 (forward, teacher, both gradients) took 21.6 s with glibc's defaults and 13.9 s with freed blocks kept for reuse
 (:func:`keep_freed_memory`), which is what jemalloc and tcmalloc do (PyTorch's CPU performance guide has them
-preloaded for this reason). The price: the process keeps its peak heap until it exits, which a training run
-reaches anyway. A user's own ``MALLOC_*`` settings, ``GLIBC_TUNABLES`` or a preloaded allocator are left as
+preloaded for this reason). Decoding is hit the same way: a 6 MP photo's buffers are 18 MB each, and two
+DataLoader workers decode 1.2-1.3x as many mixed 0.3-6 MP JPEGs per second with freed memory kept
+(``benchmarks/decode_workers.py``). The price: the process keeps its peak heap until it exits, which a training
+run reaches anyway. A user's own ``MALLOC_*`` settings, ``GLIBC_TUNABLES`` or a preloaded allocator are left as
 they are.
 """
 from __future__ import annotations

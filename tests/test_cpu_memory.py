@@ -41,3 +41,32 @@ def test_kept_memory_serves_a_freed_64_mb_tensor_again_without_page_faults():
 def test_a_users_own_malloc_settings_are_left_alone():
     kept, _ = _faults('keep', MALLOC_MMAP_THRESHOLD_='131072')
     assert kept == 'False'
+
+
+PAGE_FAULTS_IN_A_DECODING_WORKER = '''
+import resource, torch
+from pyiqa_grmp import cpu_memory
+from pyiqa_grmp.scoring.pipeline import decoding_loader
+
+class Faults(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, position):
+        for _ in range(3):
+            torch.ones(16 * 1024 * 1024)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            torch.ones(16 * 1024 * 1024)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10
+
+(faults,) = list(decoding_loader(Faults(), workers=1))
+print(cpu_memory._kept, faults)
+'''
+
+
+def test_decoding_workers_keep_freed_memory_when_their_parent_does_not():
+    output = subprocess.run([sys.executable, '-c', PAGE_FAULTS_IN_A_DECODING_WORKER], capture_output=True,
+                            text=True, timeout=120, env=subprocess_env(), check=True).stdout.split()
+    assert output[0] == 'False'  # the parent (a GPU run's main process) left malloc as it was
+    assert int(output[1]) < 100  # the worker serves a freed 64 MB block again: no 16384 page faults

@@ -28,8 +28,9 @@ def _reference(image: torch.Tensor, size: int = 244) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- the exact resize
-@pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (37, 53), (244, 100), (245, 243), (5, 4000),
-                                           (4000, 7), (975, 977), (1200, 1600), (2000, 3000)])
+@pytest.mark.parametrize('height, width', [(1, 1), (2, 3), (37, 53), (244, 100), (245, 243), (4000, 7),
+                                           (975, 977), (1200, 1600), (1536, 2048),  # rows first
+                                           (5, 4000), (2000, 3000), (1000, 9000)])  # columns first
 def test_squash_from_the_taps_equals_interpolate_within_1e_6(height, width):
     image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(height * 7 + width)).permute(2, 0, 1)

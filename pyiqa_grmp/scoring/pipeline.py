@@ -207,9 +207,12 @@ def _as_is(item: DecodedItem) -> DecodedItem:
     return item
 
 
-def _one_thread(worker_id: int) -> None:
-    """Each decoding worker computes on one thread: the workers, not threads within one, use the cores."""
+def _decoding_worker(worker_id: int) -> None:
+    """Each decoding worker computes on one thread (the workers, not threads within one, use the cores) and
+    keeps freed memory for reuse: a 6 MP photo's decoded buffers are 18 MB each, and glibc maps such blocks afresh
+    for every image (:mod:`pyiqa_grmp.cpu_memory` has the figures), also where the main process does not."""
     torch.set_num_threads(1)
+    keep_freed_memory()
 
 
 def decoding_loader(dataset: DecodedImages, workers: int, pin_memory: bool = False,
@@ -225,7 +228,7 @@ def decoding_loader(dataset: DecodedImages, workers: int, pin_memory: bool = Fal
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        collate_fn=_as_is if batch_size is None else collate_batch,
                                        pin_memory=pin_memory, prefetch_factor=prefetch,
-                                       worker_init_fn=_one_thread if workers else None)
+                                       worker_init_fn=_decoding_worker if workers else None)
 
 
 # --------------------------------------------------------------------------------------------- batches of views
@@ -572,10 +575,11 @@ def score_stream(paths: Sequence[Union[str, ImageSource]], metrics: Dict[str, ob
     decoded. Otherwise items come one by one (:func:`prepared_items`; finished on the metrics' GPU when they
     share one), and a chunk holds at most ``batch_size`` images and, of native-resolution ones, about
     ``MAX_CHUNK_PIXELS`` pixels, so memory stays bounded whatever the image sizes. ``indices`` (default 0, 1,
-    ...) number the results. A metric on the CPU makes this process keep freed memory for reuse
-    (:func:`~pyiqa_grmp.cpu_memory.keep_freed_memory`).
+    ...) number the results. This process keeps freed memory for reuse
+    (:func:`~pyiqa_grmp.cpu_memory.keep_freed_memory`) when it decodes (``workers=0``) or a metric runs on the
+    CPU; decoding workers always do.
     """
-    if any(metric_device(metric).type == 'cpu' for metric in metrics.values()):
+    if not workers or any(metric_device(metric).type == 'cpu' for metric in metrics.values()):
         keep_freed_memory()
     resizes: List[Resize] = []
     views: Dict[str, Optional[int]] = {}
