@@ -9,8 +9,8 @@ checkpoint or model folder ``--model`` names), one run measures:
   declared 244x244 squash and collate batches: ``scoring.pipeline.batched_items``), for each ``--workers``
   value; on CUDA also GPU decode alone (``decode='gpu'``: nvJPEG in batches, the declared resize on the GPU);
 - per image on one thread: decode, decode + exact resize from the taps (``SquareResize.resize_decoded``), and
-  decode + the former float conversion + ``F.interpolate``, on the first ``--per-image`` images, each the best of
-  ``--per-image-repeats`` timings;
+  decode + the former float conversion + ``F.interpolate``, in passes over the first ``--per-image`` images, the
+  best of ``--per-image-repeats`` passes;
 - score end to end: ``scoring.score_images`` as the command runs it (listing, workers, batches, model, streamed
   CSV and its final rewrite): the exact path (fp32, CPU decoding) for each ``--workers`` value, and with the
   last one bf16, GPU decoding (CUDA) and ``--fast``; the metric is created once beforehand;
@@ -174,10 +174,10 @@ def bundled_photos(folder: str) -> str:
 
 
 def per_image_costs(paths: list, resize, repeats: int) -> Dict[str, float]:
-    """Seconds on one thread over ``paths``: decode, decode + exact resize from the taps, decode + the former
-    float conversion and F.interpolate; and the exact resize alone on the largest image against its decode. Each
-    image counts with its best of ``repeats`` timings, taken in turn, so that a stall of a shared machine costs
-    no one way more than the other."""
+    """Seconds on one thread of a pass over ``paths`` (each image once, as a worker streams them): decode, decode +
+    exact resize from the taps, decode + the former float conversion and F.interpolate; and the exact resize alone
+    on the largest image against its decode. Each is the best of ``repeats``, so that a stall of a shared machine
+    does not count."""
     from pyiqa_grmp.data.image_io import decode_image, unit_float
 
     threads = torch.get_num_threads()
@@ -185,23 +185,21 @@ def per_image_costs(paths: list, resize, repeats: int) -> Dict[str, float]:
     try:
         images = {p: decode_image(p) for p in paths}
         largest = max(paths, key=lambda p: images[p][0].numel())
+
+        def best_of(work) -> float:
+            best = float('inf')
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                work()
+                best = min(best, time.perf_counter() - begin)
+            return best
+
         works = {'decode': lambda p: decode_image(p),
                  'decode + exact resize': lambda p: resize.resize_decoded(decode_image(p)),
-                 'decode + float + F.interpolate': lambda p: resize(unit_float(decode_image(p))[None]),
-                 'largest decode': lambda p: decode_image(largest),
-                 'largest exact resize': lambda p: resize.resize_decoded(images[largest])}
-        costs = dict.fromkeys(works, 0.0)
-        for path in paths:
-            best = dict.fromkeys(works, float('inf'))
-            for _ in range(repeats):
-                for name, work in works.items():
-                    begin = time.perf_counter()
-                    work(path)
-                    best[name] = min(best[name], time.perf_counter() - begin)
-            for name in works:
-                costs[name] += best[name]
-        costs['largest decode'] /= len(paths)
-        costs['largest exact resize'] /= len(paths)
+                 'decode + float + F.interpolate': lambda p: resize(unit_float(decode_image(p))[None])}
+        costs = {name: best_of(lambda: [work(path) for path in paths]) for name, work in works.items()}
+        costs['largest decode'] = best_of(lambda: decode_image(largest))
+        costs['largest exact resize'] = best_of(lambda: resize.resize_decoded(images[largest]))
         costs['largest size'] = tuple(images[largest].shape[1:])
         return costs
     finally:
@@ -216,7 +214,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--model-batches', type=int, default=4, help='batches timed for the model alone')
     parser.add_argument('--per-image', type=int, default=20, help='images timed one by one on one thread')
-    parser.add_argument('--per-image-repeats', type=int, default=5, help='timings of each of them (the best counts)')
+    parser.add_argument('--per-image-repeats', type=int, default=5, help='passes over them (the best counts)')
     parser.add_argument('--pyiqa-images', type=int, default=None,
                         help="images for pyiqa's own loop (default all; it is slow on a CPU)")
     parser.add_argument('--baseline-images', type=int, default=None,
