@@ -11,18 +11,27 @@ from grmp_test_utils import subprocess_env
 pytestmark = pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
                                 reason='the setting is glibc malloc only')
 
-PAGE_FAULTS_OF_A_64_MB_TENSOR = '''
-import resource, sys, torch
+MEDIAN_FAULTS = '''
+import resource, torch
+
+def median_faults():
+    """Page faults of allocating, writing and freeing a 64 MB tensor (the median of 11, after 3 to warm up: one
+    allocation that finds the freed block split by another counts as one)."""
+    for _ in range(3):
+        torch.ones(16 * 1024 * 1024)
+    faults = []
+    for _ in range(11):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 1024 * 1024)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(faults)[5]
+'''
+
+PAGE_FAULTS_OF_A_64_MB_TENSOR = MEDIAN_FAULTS + '''
+import sys
 from pyiqa_grmp.cpu_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == 'keep' else None
-for _ in range(3):  # warm up
-    torch.ones(16 * 1024 * 1024)
-faults = []
-for _ in range(11):  # the median: one allocation that finds the freed block split by another counts as one
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(16 * 1024 * 1024)  # 64 MB, allocated, written and freed
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, sorted(faults)[5])
+print(kept, median_faults())
 '''
 
 
@@ -45,8 +54,7 @@ def test_a_users_own_malloc_settings_are_left_alone():
     assert kept == 'False'
 
 
-PAGE_FAULTS_IN_A_DECODING_WORKER = '''
-import resource, torch
+PAGE_FAULTS_IN_A_DECODING_WORKER = MEDIAN_FAULTS + '''
 from pyiqa_grmp import cpu_memory
 from pyiqa_grmp.scoring.pipeline import decoding_loader
 
@@ -54,15 +62,8 @@ class Faults(torch.utils.data.Dataset):
     def __len__(self):
         return 1
 
-    def __getitem__(self, position):  # as PAGE_FAULTS_OF_A_64_MB_TENSOR, in the worker
-        for _ in range(3):
-            torch.ones(16 * 1024 * 1024)
-        faults = []
-        for _ in range(11):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            torch.ones(16 * 1024 * 1024)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        return sorted(faults)[5]
+    def __getitem__(self, position):
+        return median_faults()
 
 (faults,) = list(decoding_loader(Faults(), workers=1))
 print(cpu_memory._kept, faults)

@@ -553,7 +553,7 @@ class GRMPIQA(nn.Module):
         """
         if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in dependencies)):
             return compute()
-        key = (self._precision, *((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies))
+        key = self._dependency_key(dependencies)
         hit = self._constants.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -561,6 +561,11 @@ class GRMPIQA(nn.Module):
             value = compute()
         self._constants[name] = (key, value)
         return value
+
+    def _dependency_key(self, dependencies: List[nn.Parameter], *extra: object) -> tuple:
+        """What a cached value computed from ``dependencies`` depends on: the precision, ``extra``, and each
+        dependency's storage, version counter, dtype and device."""
+        return (self._precision, *extra, *((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies))
 
     def _text_dependencies(self) -> List[nn.Parameter]:
         clip = self.clip
@@ -716,7 +721,7 @@ class GRMPIQA(nn.Module):
         dependencies = self._embedding_parameters()
         dependencies += [p for block in list(visual.transformer.resblocks)[:depth] for p in block.parameters()]
         dependencies += list(self.visual_prompts.parameters())
-        key = (self._precision, depth, *((p.data_ptr(), p._version, p.dtype, p.device) for p in dependencies))
+        key = self._dependency_key(dependencies, depth)
         self._front_cache[:] = [entry for entry in self._front_cache if entry[0] == key]
         for _, pixels, tokens in self._front_cache:
             if pixels.shape == x.shape and pixels.dtype == x.dtype and pixels.device == x.device and \

@@ -226,14 +226,14 @@ def read_rows(path: str, header: List[str]) -> Dict[str, List[str]]:
     rows: Dict[str, List[str]] = {}
     for number, row in table[1:]:
         if len(row) != len(header):
-            raise refused_csv(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a score '
-                           'CSV of these metrics')
+            raise refused_csv(f'{name} line {number} has {len(row)} fields instead of {len(header)}: it is not a '
+                              'score CSV of these metrics')
         for metric, value in zip(header[2:-1], row[2:-1]):
             try:
                 float(value or 0)
             except ValueError:
                 raise refused_csv(f'{name} line {number}: the {metric} score {printable(value[:40])!r} is not a '
-                               f'number: {refusal}') from None
+                                  f'number: {refusal}') from None
         try:
             image = decode_path(row[0])
             decode_path(row[1])
